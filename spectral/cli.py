@@ -1,0 +1,51 @@
+"""`python -m spectral <command> CKPT ...`: the command-line face of the engine (DESIGN.md "Contracts").
+
+Exit codes: 0 success, 2 bad arguments, 3 unreadable or unsafe checkpoint; errors are one line on stderr.
+Each subcommand lives in spectral/commands/<name>.py and registers itself with `register(subparsers)`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from spectral.checkpoint import CheckpointError
+
+COMMANDS = ["analyze", "prune", "report"]  # modules under spectral/commands, in help order
+
+EXIT_BAD_ARGS = 2
+EXIT_BAD_CHECKPOINT = 3
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m spectral",
+                                     description="Random-matrix analysis and what-if pruning of weight matrices.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"spectral.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"spectral.commands.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CHECKPOINT
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
