@@ -1,0 +1,860 @@
+"""Open a checkpoint (a file, raw bytes, a folder or a set of uploaded files) as named tensors, safely.
+
+Formats: safetensors (validated here before the library sees it, then memory-mapped and read one tensor at a time),
+PyTorch `.pt/.pth/.bin/.ckpt` (zip or legacy pickle, through `torch.load(weights_only=True)`, so a pickle can never run
+code), and Hugging Face folders (config.json with one or several safetensors/bin shards and their index). Magic bytes
+decide the format, not the extension. Every failure is a `CheckpointError` whose message is one line: the file, then
+what is wrong with it.
+
+Tied tensors (one storage under two names, or equal values in a known embedding/LM-head pair) are reported as groups
+in `Checkpoint.tied_groups`, so the analysis treats them as one matrix with several names.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+import json
+import os
+import pickletools
+import re
+import threading
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMATS = ("safetensors", "pytorch", "huggingface", "demo")
+DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
+HASH_CHUNK = 8 * 1024 * 1024  # sha256 is streamed in 8 MiB chunks
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # where training scripts nest the weights
+STRIPPED_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DistributedDataParallel
+SIDE_FILES = ("config.json", "tokenizer.json")  # part of a folder's content (and its sha256) when present
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1), "U16": (torch.uint16, 2), "U32": (torch.uint32, 4),
+    "U64": (torch.uint64, 8), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+}
+
+# Names that may hold the same matrix as an input embedding (weight tying); only equal-shape pairs are compared.
+_EMBEDDING_NAME = re.compile(
+    r"(^|\.)(tok_emb|wte|embed_tokens|word_embeddings|tok_embeddings|token_embedding|shared|embed_in)\.weight$")
+_HEAD_NAME = re.compile(r"(^|\.)(lm_head|embed_out|decoder)\.weight$|^output\.weight$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read safely. `str(error)` is one line: "<file>: <problem>"."""
+
+    def __init__(self, source: str | os.PathLike, problem: str):
+        self.source = str(source)
+        self.problem = " ".join(str(problem).split())  # one line, whatever the underlying library said
+        super().__init__(f"{self.source}: {self.problem}")
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """Named tensors of one checkpoint, read lazily; shapes and dtypes are known without reading any data."""
+
+    source: str  # the path as given, an upload's file name, or "demo"
+    format: str  # one of FORMATS
+    sha256: str  # hex digest of the content (see `_combined_sha256` for folders and file sets)
+    shapes: dict[str, tuple[int, ...]]  # every stored name, in checkpoint order
+    dtypes: dict[str, str]  # torch dtype names without the "torch." prefix: "float32", "bfloat16", ...
+    config: dict | None = None  # config.json, nanoGPT `model_args`, or safetensors metadata "config"
+    metadata: dict[str, str] = field(default_factory=dict)
+    tied_groups: list[tuple[str, ...]] = field(default_factory=list)  # each group one matrix; first = canonical
+    files: list[str] = field(default_factory=list)  # the files the content came from
+    warnings: list[str] = field(default_factory=list)  # things worth telling the user that did not stop loading
+    _readers: dict[str, Callable[[str], torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def names(self) -> list[str]:
+        """Every stored tensor name, in checkpoint order (tied aliases included)."""
+        return list(self.shapes)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor `name` in its stored dtype, read now; the caller owns it (mutating it changes nothing here)."""
+        if name not in self._readers:
+            raise KeyError(f"{self.source} has no tensor named {name!r}")
+        return self._readers[name](name)
+
+    def tied_with(self, name: str) -> tuple[str, ...]:
+        """The other names of the matrix stored under `name` (empty when it is not tied)."""
+        for group in self.tied_groups:
+            if name in group:
+                return tuple(n for n in group if n != name)
+        return ()
+
+    @property
+    def n_tensors(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def n_params(self) -> int:
+        """Elements of every tensor, each tied group counted once."""
+        aliases = {n for group in self.tied_groups for n in group[1:]}
+        return sum(_numel(shape) for name, shape in self.shapes.items() if name not in aliases)
+
+
+# -------------------------------------------------------------------------------------------------------- entry points
+
+def load_checkpoint(source: str | os.PathLike, *, max_bytes: int | None = None) -> Checkpoint:
+    """Open a file (.safetensors/.pt/.pth/.bin), a Hugging Face folder, or the word "demo" (the bundled model)."""
+    if isinstance(source, str) and source == "demo":
+        return _load_demo(max_bytes)
+    label = str(source)
+    if not label.strip():
+        raise CheckpointError("''", "no checkpoint path given")
+    path = Path(source)
+    try:
+        if path.is_dir():
+            return _load_fileset(_FolderFiles(path), label, max_bytes)
+        if not path.exists():
+            raise CheckpointError(label, "no such file or folder")
+        if not path.is_file():
+            raise CheckpointError(label, "not a regular file or folder")
+        size = path.stat().st_size
+        _check_size(label, size, max_bytes)
+        digest = _sha256_file(path)
+        with path.open("rb") as f:
+            head = f.read(16)
+        part = _open_file(label, path.name, size, head, path=path)
+    except PermissionError:
+        raise CheckpointError(label, "cannot read: permission denied") from None
+    except OSError as e:
+        raise CheckpointError(label, f"cannot read: {e.strerror or _first_line(e)}") from None
+    return _assemble(part, source=label, fmt=part.kind, sha256=digest, files=[str(path)])
+
+
+def load_checkpoint_bytes(data: bytes, filename: str, *, max_bytes: int | None = None) -> Checkpoint:
+    """Open one uploaded file held in memory; `filename` names it in messages (the format comes from the bytes)."""
+    _check_size(filename, len(data), max_bytes)
+    part = _open_file(filename, filename, len(data), bytes(data[:16]), data=data)
+    return _assemble(part, source=filename, fmt=part.kind, sha256=hashlib.sha256(data).hexdigest(), files=[filename])
+
+
+def load_checkpoint_files(files: dict[str, bytes], *, max_bytes: int | None = None) -> Checkpoint:
+    """Open a multi-file Hugging Face upload (config.json, shards, index, tokenizer.json), held in memory.
+
+    Only base names matter (browsers upload files without folders). One file alone is opened like
+    `load_checkpoint_bytes`."""
+    by_name: dict[str, bytes] = {}
+    for key, data in files.items():
+        name = Path(str(key).replace("\\", "/")).name
+        if name in by_name:
+            raise CheckpointError(name, "uploaded twice")
+        by_name[name] = data
+    if not by_name:
+        raise CheckpointError("upload", "no files")
+    if len(by_name) == 1:
+        (name, data), = by_name.items()
+        return load_checkpoint_bytes(data, name, max_bytes=max_bytes)
+    return _load_fileset(_MemoryFiles(by_name), None, max_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------------- file sets
+
+class _FolderFiles:
+    """Files of a folder on disk, named relative to it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def label(self, name: str) -> str:
+        return str(self.root / name)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_file())
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def size(self, name: str) -> int:
+        return (self.root / name).stat().st_size
+
+    def read(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def sha256(self, name: str) -> str:
+        return _sha256_file(self.root / name)
+
+    def open(self, name: str) -> _Part:
+        path = self.root / name
+        with path.open("rb") as f:
+            head = f.read(16)
+        return _open_file(self.label(name), name, path.stat().st_size, head, path=path)
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+
+class _MemoryFiles:
+    """Uploaded files held in memory, by base name."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+
+    def label(self, name: str) -> str:
+        return name
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def exists(self, name: str) -> bool:
+        return name in self.files
+
+    def size(self, name: str) -> int:
+        return len(self.files[name])
+
+    def read(self, name: str) -> bytes:
+        return bytes(self.files[name])
+
+    def sha256(self, name: str) -> str:
+        return hashlib.sha256(self.files[name]).hexdigest()
+
+    def open(self, name: str) -> _Part:
+        data = self.files[name]
+        return _open_file(name, name, len(data), bytes(data[:16]), data=data)
+
+    def path(self, name: str) -> str:
+        return name
+
+
+def _load_demo(max_bytes: int | None) -> Checkpoint:
+    path = DEMO_DIR / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError("demo", f"the bundled demo model is missing ({path}); rebuild it with "
+                                      "`python models/train_demo.py`")
+    ckpt = load_checkpoint(path, max_bytes=max_bytes)
+    ckpt.source, ckpt.format = "demo", "demo"
+    config_path = DEMO_DIR / "config.json"
+    if config_path.is_file():  # the model card's config names the architecture; the metadata copy does not
+        ckpt.config = _read_json(str(config_path), config_path.read_bytes())
+    return ckpt
+
+
+def _load_fileset(store: _FolderFiles | _MemoryFiles, label: str | None, max_bytes: int | None) -> Checkpoint:
+    """A Hugging Face layout: one weights file, or shards listed in an index, plus config.json and tokenizer.json."""
+    present = store.names()
+    index_name, weights_name = _choose_weights(present, label or "upload")
+    if index_name is None and weights_name is None:
+        where = label if label is not None else "upload"
+        listing = ", ".join(present[:8]) + (", ..." if len(present) > 8 else "") if present else "nothing"
+        raise CheckpointError(where, "no weights found: expected model.safetensors, pytorch_model.bin, a sharded "
+                                     f"*.index.json or one .safetensors/.pt/.pth/.bin file (found {listing})")
+    source = label if label is not None else (index_name or weights_name)
+
+    if index_name is not None:
+        shard_of = _read_index(store, index_name)
+        used = sorted(set(shard_of.values()))
+        for shard in used:
+            if not store.exists(shard):
+                raise CheckpointError(store.label(index_name), f"lists shard {shard}, which is missing")
+    else:
+        shard_of, used = None, [weights_name]
+    side = [n for n in SIDE_FILES if store.exists(n)]
+    content = sorted(set(used + side + ([index_name] if index_name else [])))
+    _check_size(source, sum(store.size(n) for n in content), max_bytes)
+
+    parts = {shard: store.open(shard) for shard in used}
+    if shard_of is None:
+        merged = parts[weights_name]
+    else:
+        merged = _merge_shards(store, index_name, shard_of, parts, used)
+    config = None
+    if "config.json" in side:
+        config = _read_json(store.label("config.json"), store.read("config.json"))
+    elif merged.config is not None:
+        config = merged.config
+    merged.config = config
+    digest = _combined_sha256({n: store.sha256(n) for n in content})
+    return _assemble(merged, source=source, fmt="huggingface", sha256=digest, files=[store.path(n) for n in content])
+
+
+def _choose_weights(present: list[str], label: str) -> tuple[str | None, str | None]:
+    """(index file, single weights file) to use from the names present; preference follows transformers."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if index in present:
+            return index, None
+        if single in present:
+            return None, single
+    indexes = [n for n in present if n.endswith(".index.json")]
+    if len(indexes) == 1:
+        return indexes[0], None
+    weights = [n for n in present if n.lower().endswith(WEIGHT_SUFFIXES)]
+    if len(weights) == 1:
+        return None, weights[0]
+    if len(indexes) > 1 or len(weights) > 1:
+        found = ", ".join((indexes or weights)[:6])
+        raise CheckpointError(label, f"several weight files ({found}) and no single index to say which belong together")
+    return None, None
+
+
+def _read_index(store, index_name: str) -> dict[str, str]:
+    index = _read_json(store.label(index_name), store.read(index_name))
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(store.label(index_name), "index has no weight_map (tensor name -> shard file)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or "/" in shard or shard.startswith("."):
+            raise CheckpointError(store.label(index_name), f"weight_map entry {name!r} names a bad shard {shard!r}")
+    return dict(weight_map)
+
+
+def _merge_shards(store, index_name: str, shard_of: dict[str, str], parts: dict[str, _Part],
+                  used: list[str]) -> _Part:
+    merged = _Part(kind="huggingface")
+    for shard in used:  # shards in file order, names in each shard's own order
+        part = parts[shard]
+        for name in part.order:
+            if shard_of.get(name) == shard:
+                merged.add(name, part.shapes[name], part.dtypes[name], part.readers[name])
+        for group in part.shared:
+            kept = [n for n in group if shard_of.get(n) == shard]
+            if len(kept) > 1:
+                merged.shared.append(kept)
+        for key, value in part.metadata.items():
+            merged.metadata.setdefault(key, value)
+        if merged.config is None:
+            merged.config = part.config
+        merged.natural_order = merged.natural_order or part.natural_order
+    for name, shard in shard_of.items():
+        if name not in merged.shapes:
+            raise CheckpointError(store.label(shard), f"has no tensor {name!r}, which {index_name} places there")
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------------ single files
+
+@dataclass
+class _Part:
+    """What one file (or a merged set of shards) holds, before tie detection."""
+
+    kind: str
+    order: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+    readers: dict[str, Callable[[str], torch.Tensor]] = field(default_factory=dict)
+    shared: list[list[str]] = field(default_factory=list)  # names that share one storage
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict | None = None
+    natural_order: bool = False  # the writer sorted names alphabetically; sort them "naturally" instead
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, name: str, shape: tuple[int, ...], dtype: str, reader: Callable[[str], torch.Tensor]) -> None:
+        self.order.append(name)
+        self.shapes[name] = shape
+        self.dtypes[name] = dtype
+        self.readers[name] = reader
+
+
+def _open_file(label: str, filename: str, size: int, head: bytes, *, path: Path | None = None,
+               data: bytes | None = None) -> _Part:
+    kind = _sniff(label, filename, size, head)
+    if kind == "safetensors":
+        return _open_safetensors(label, size, path=path, data=data)
+    return _open_pytorch(label, is_zip=(kind == "zip"), path=path, data=data)
+
+
+def _sniff(label: str, filename: str, size: int, head: bytes) -> str:
+    """'safetensors', 'zip' or 'pickle', from the first bytes; the extension only chooses the error message."""
+    if size == 0:
+        raise CheckpointError(label, "empty file (0 bytes)")
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER:
+        return "safetensors"
+    if head[:1] == b"\x80" and len(head) >= 2 and 2 <= head[1] <= 5:
+        return "pickle"
+    suffix = Path(filename).suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"  # let the header check say what exactly is wrong
+    if _looks_like_text(head):
+        preview = head.decode("utf-8", "replace")[:12]
+        problem = f"not a checkpoint: the file is text (starts with {preview!r})"
+    elif suffix in WEIGHT_SUFFIXES:
+        problem = f"not a checkpoint: no safetensors header, zip or pickle signature (first bytes {head[:8].hex(' ')})"
+    else:
+        problem = f"unknown format: not safetensors, a PyTorch zip or a pickle (first bytes {head[:8].hex(' ')})"
+    raise CheckpointError(label, problem)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:  # incremental: a character cut at the end of `head` is not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\r\n\t" for c in text)
+
+
+# ---------------------------------------------------------------------------------------------------- safetensors
+
+def _open_safetensors(label: str, size: int, *, path: Path | None, data: bytes | None) -> _Part:
+    if path is not None:
+        with path.open("rb") as f:
+            header = _parse_safetensors_header(label, size, lambda start, n: _read_at(f, start, n))
+    else:
+        view = memoryview(data)
+        header = _parse_safetensors_header(label, size, lambda start, n: bytes(view[start:start + n]))
+    part = _Part(kind="safetensors", natural_order=True)
+    meta = header.pop("__metadata__", None) or {}
+    part.metadata = dict(meta)
+    if "config" in meta:
+        try:
+            config = json.loads(meta["config"])
+            part.config = config if isinstance(config, dict) else None
+        except json.JSONDecodeError:
+            part.warnings.append(f"{label}: metadata 'config' is not valid JSON; ignored")
+    reader = _SafetensorsPath(path, label) if path is not None else _SafetensorsBytes(data, label)
+    for name, entry in header.items():
+        part.add(name, tuple(entry["shape"]), _dtype_name(SAFETENSORS_DTYPES[entry["dtype"]][0]), reader)
+    if path is not None:
+        try:  # the library must agree with our check; its header parse is cheap and reads no tensor data
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt", device="cpu"):
+                pass
+        except Exception as e:  # noqa: BLE001 - whatever the library raises becomes a readable refusal
+            raise CheckpointError(label, f"unreadable safetensors file: {_first_line(e)}") from None
+    return part
+
+
+def _read_at(f, start: int, n: int) -> bytes:
+    f.seek(start)
+    return f.read(n)
+
+
+def _parse_safetensors_header(label: str, size: int, read: Callable[[int, int], bytes]) -> dict:
+    """Check a safetensors header against the file: layout of https://github.com/huggingface/safetensors.
+
+    8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}, __metadata__}, then the
+    tensor data, which the data_offsets must cover exactly, contiguously, each span matching shape x dtype size."""
+    if size < 8:
+        raise CheckpointError(label, f"truncated file: {size} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(read(0, 8), "little")
+    data_len = size - 8 - n
+    if n < 2:
+        raise CheckpointError(label, f"bogus header: header length is {n} bytes")
+    if data_len < 0:
+        raise CheckpointError(label, f"header past end: header length says {n} bytes, but the file has only "
+                                     f"{size - 8} after it")
+    if n > SAFETENSORS_MAX_HEADER:
+        raise CheckpointError(label, f"bogus header: header length {n} is over the {SAFETENSORS_MAX_HEADER} byte limit")
+    raw = read(8, n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(label, f"bogus header: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(label, f"bogus header: JSON {type(header).__name__}, expected an object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(label, "bogus header: __metadata__ must map names to strings")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= set(entry)):
+            raise CheckpointError(label, f"bogus header: entry {name!r} needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(label, f"unsupported dtype {dtype!r} for tensor {name!r}")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise CheckpointError(label, f"bogus header: tensor {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(label, f"bogus header: tensor {name!r} has data_offsets {offsets!r}")
+        need = _numel(shape) * SAFETENSORS_DTYPES[dtype][1]
+        if offsets[1] - offsets[0] != need:
+            raise CheckpointError(label, f"bogus header: tensor {name!r} of shape {shape} {dtype} needs {need} bytes, "
+                                         f"its data_offsets {offsets} span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    if not spans:
+        raise CheckpointError(label, "no tensors in the file")
+    spans.sort()
+    end = 0
+    for begin, stop, name in spans:
+        if begin != end:  # a gap or an overlap: the header does not describe the data as written
+            if stop > data_len:
+                raise CheckpointError(label, f"offsets past end: tensor {name!r} has data_offsets [{begin}, {stop}] "
+                                             f"beyond the {data_len} bytes of tensor data")
+            raise CheckpointError(label, f"bogus header: tensor {name!r} starts at byte {begin} of the data, "
+                                         f"expected {end} (gap or overlap)")
+        end = stop
+    if end > data_len:
+        raise CheckpointError(label, f"truncated file: header says {end} bytes of tensor data, file has {data_len}")
+    if end < data_len:
+        raise CheckpointError(label, f"corrupt file: {data_len - end} bytes after the last tensor "
+                                     f"(header accounts for {end} of {data_len} bytes of tensor data)")
+    return header
+
+
+class _SafetensorsPath:
+    """Reads one tensor per call through a fresh memory map, so a caller's in-place edits never reach the file."""
+
+    def __init__(self, path: Path, label: str):
+        self.path, self.label = path, label
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                return f.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - the file may have changed or vanished since loading
+            raise CheckpointError(self.label, f"cannot read tensor {name!r}: {_first_line(e)}") from None
+
+
+class _SafetensorsBytes:
+    """Tensors of an uploaded safetensors file, decoded on first use (header already validated)."""
+
+    def __init__(self, data: bytes, label: str):
+        self.data, self.label = data, label
+        self.tensors: dict[str, torch.Tensor] | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        with self.lock:
+            if self.tensors is None:
+                from safetensors.torch import load
+                try:
+                    self.tensors = load(bytes(self.data))
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointError(self.label, f"unreadable safetensors data: {_first_line(e)}") from None
+        return self.tensors[name].clone()
+
+
+# -------------------------------------------------------------------------------------------------------- PyTorch
+
+def _open_pytorch(label: str, *, is_zip: bool, path: Path | None, data: bytes | None) -> _Part:
+    """torch.load with weights_only=True: only tensors and plain containers; any other global is refused."""
+    # torch.load hands any path ending in ".safetensors" to the safetensors library whatever its bytes: such a file
+    # (a torch zip misnamed) goes in as an open file, without mmap
+    if path is None:
+        target, mmap = io.BytesIO(data), False
+    elif str(path).endswith(".safetensors"):
+        target, mmap = path.open("rb"), False
+    else:
+        target, mmap = str(path), is_zip  # torch memory-maps zip files only
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(target, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - every failure of an untrusted file becomes one readable line
+        raise CheckpointError(label, _explain_torch_load_error(e, path, data)) from None
+    finally:
+        if not isinstance(target, str):
+            target.close()
+    part = _Part(kind="pytorch")
+    state = _find_state_dict(label, obj)
+    if isinstance(obj, dict):
+        part.metadata, part.config = _pytorch_extras(obj, state)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.layout != torch.strided or value.device.type != "cpu":
+            part.warnings.append(f"{label}: tensor {key!r} is {value.layout}/{value.device}; skipped")
+            continue
+        tensors[str(key)] = value
+    if not tensors:
+        raise CheckpointError(label, "no tensors found in the state dict")
+    tensors = _strip_prefixes(tensors)
+    reader = _StateDictReader(tensors)
+    for name, value in tensors.items():
+        part.add(name, tuple(value.shape), _dtype_name(value.dtype), reader)
+    part.shared = _shared_storage_groups(tensors)
+    return part
+
+
+def _explain_torch_load_error(error: Exception, path: Path | None, data: bytes | None) -> str:
+    text = str(error)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        match = re.search(r"GLOBAL ([\w.]+)", text)  # the global torch refused; builtins come without a module
+        if match:
+            culprit = match.group(1) if "." in match.group(1) else f"builtins.{match.group(1)}"
+        else:  # protocol 4/5 pickles stop torch before it names a global: find it by decoding the opcodes
+            culprit = _pickle_global(path, data)
+        if culprit:
+            return f"refused: the pickle tries to load {culprit} (code execution is never allowed)"
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "unsupported pickle")
+        return f"refused: the pickle uses something the safe loader does not allow ({detail})"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "corrupt PyTorch file: truncated or damaged zip archive"
+    if isinstance(error, EOFError):
+        return "corrupt PyTorch file: it ends too early"
+    # anything else torch.load raises on a file it cannot parse (bad magic number, damaged pickle, missing storage)
+    return f"corrupt PyTorch file: {type(error).__name__}: {_first_line(error)}"
+
+
+def _pickle_global(path: Path | None, data: bytes | None) -> str | None:
+    """The first non-torch global that the pickle names, found by decoding its opcodes; None if it cannot tell.
+
+    pickletools only decodes, it never imports or calls anything. A torch zip keeps its pickle in */data.pkl; a legacy
+    torch file is several pickles in a row."""
+    limit = 1 << 20
+    try:
+        if path is not None:
+            with path.open("rb") as f:
+                raw = f.read(limit)
+        else:
+            raw = bytes(data[:limit])
+        if raw[:4] == b"PK\x03\x04":
+            source = path if path is not None else io.BytesIO(data)
+            with zipfile.ZipFile(source) as archive:
+                pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                with archive.open(pkl) as member:
+                    raw = member.read(limit)
+        stream = io.BytesIO(raw)
+        for _ in range(5):
+            strings: list[str] = []
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(arg)
+                    continue
+                if opcode.name in ("GLOBAL", "INST"):
+                    module, _, name = str(arg).partition(" ")
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    module, name = strings[-2], strings[-1]
+                else:
+                    continue
+                module = {"__builtin__": "builtins"}.get(module, module)  # protocol 2 spells builtins the Python 2 way
+                if not _harmless_global(module, name):
+                    return f"{module}.{name}"
+            if stream.tell() >= len(raw):
+                break
+    except Exception:  # noqa: BLE001 - a malformed pickle just leaves the culprit unnamed
+        return None
+    return None
+
+
+def _harmless_global(module: str, name: str) -> bool:
+    """Globals that torch's weights_only unpickler allows in a state dict (storages, tensor rebuilders, containers)."""
+    if module in ("collections", "_codecs", "torch._utils", "torch"):
+        return True
+    return module == "builtins" and name in ("set", "frozenset", "bytearray", "slice", "complex")
+
+
+def _find_state_dict(label: str, obj) -> dict:
+    """The state dict itself, or one nested under 'state_dict'/'model'/'model_state_dict'/'module'."""
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            break
+        # a dict under a nesting key wins over stray tensors beside it (nanoGPT keeps best_val_loss as a tensor)
+        nested = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)), None)
+        if nested is None:
+            if any(isinstance(v, torch.Tensor) for v in obj.values()):
+                return obj
+            break
+        obj = nested
+    if not isinstance(obj, dict):
+        raise CheckpointError(label, f"no state dict: the file holds a {type(obj).__name__}, expected a dict of "
+                                     "tensors")
+    keys = ", ".join(map(str, list(obj)[:8])) or "none"
+    raise CheckpointError(label, "no tensors found: expected a state dict, or one nested under 'model', "
+                                 f"'state_dict' or 'module' (top-level keys: {keys})")
+
+
+def _pytorch_extras(top: dict, state: dict) -> tuple[dict[str, str], dict | None]:
+    """Scalar top-level entries as metadata (nanoGPT's iter_num, best_val_loss) and the model config, if any."""
+    metadata: dict[str, str] = {}
+    for key, value in top.items():
+        if value is state:
+            continue
+        if isinstance(value, (int, float, str, bool)):
+            metadata[str(key)] = str(value)
+        elif isinstance(value, torch.Tensor) and value.dim() == 0 and top is not state:
+            metadata[str(key)] = str(value.item())
+    config = None
+    for key in ("model_args", "config"):  # nanoGPT stores the architecture as model_args
+        if isinstance(top.get(key), dict) and top.get(key) is not state:
+            config = dict(top[key])
+            break
+    return metadata, config
+
+
+def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop leading '_orig_mod.' / 'module.' (torch.compile, DDP), unless that would make two names collide."""
+    def strip(name: str) -> str:
+        changed = True
+        while changed:
+            changed = False
+            for prefix in STRIPPED_PREFIXES:
+                if name.startswith(prefix) and len(name) > len(prefix):
+                    name, changed = name[len(prefix):], True
+        return name
+    stripped = {strip(k): v for k, v in tensors.items()}
+    return stripped if len(stripped) == len(tensors) else tensors
+
+
+class _StateDictReader:
+    """Tensors already unpickled (memory-mapped for zip files); each call hands out an independent copy."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.tensors[name].detach().clone()
+
+
+def _shared_storage_groups(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names whose tensors are the same view of the same storage (`lm_head.weight = tok_emb.weight`)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        groups.setdefault(key, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+# ------------------------------------------------------------------------------------------------------ assembling
+
+def _assemble(part: _Part, *, source: str, fmt: str, sha256: str, files: list[str]) -> Checkpoint:
+    order = sorted(part.order, key=_natural_key) if part.natural_order else list(part.order)
+    shapes = {n: part.shapes[n] for n in order}
+    dtypes = {n: part.dtypes[n] for n in order}
+    ckpt = Checkpoint(source=source, format=fmt, sha256=sha256, shapes=shapes, dtypes=dtypes, config=part.config,
+                      metadata=dict(part.metadata), files=list(files), warnings=list(part.warnings),
+                      _readers={n: part.readers[n] for n in order})
+    ckpt.tied_groups = _tied_groups(ckpt, part.shared)
+    return ckpt
+
+
+def _tied_groups(ckpt: Checkpoint, shared: list[list[str]]) -> list[tuple[str, ...]]:
+    """Groups of names holding one matrix: shared storage, then equal values among candidate pairs of equal shape.
+
+    Candidates are names listed in metadata "tied" (comma-separated; groups separated by ';') and known
+    embedding/LM-head names (tok_emb/lm_head, wte/lm_head, embed_tokens/lm_head, word_embeddings/decoder,
+    shared/lm_head, ...). All pairs are never compared: only those of equal shape and dtype."""
+    position = {n: i for i, n in enumerate(ckpt.shapes)}
+    parent = {n: n for n in ckpt.shapes}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb, key=position.get)] = min(ra, rb, key=position.get)
+
+    for group in shared:
+        for other in group[1:]:
+            union(group[0], other)
+
+    declared = []
+    for chunk in ckpt.metadata.get("tied", "").split(";"):
+        names = [n.strip() for n in chunk.split(",") if n.strip() in ckpt.shapes]
+        declared += [(a, b, True) for a, b in zip(names, names[1:])]
+    embeddings = [n for n in ckpt.shapes if _EMBEDDING_NAME.search(n)]
+    heads = [n for n in ckpt.shapes if _HEAD_NAME.search(n) and n not in embeddings]
+    known = [(a, b, False) for i, a in enumerate(embeddings) for b in embeddings[i + 1:] + heads]
+    for a, b, is_declared in declared + known:
+        if find(a) == find(b):
+            continue
+        if ckpt.shapes[a] != ckpt.shapes[b] or ckpt.dtypes[a] != ckpt.dtypes[b]:
+            if is_declared:
+                ckpt.warnings.append(f"{ckpt.source}: metadata says {a} and {b} are tied, but their shapes or dtypes "
+                                     "differ; analysed separately")
+            continue
+        if _same_bits(ckpt.tensor(a), ckpt.tensor(b)):
+            union(a, b)
+        elif is_declared:
+            ckpt.warnings.append(f"{ckpt.source}: metadata says {a} and {b} are tied, but their values differ; "
+                                 "analysed separately")
+
+    members: dict[str, list[str]] = {}
+    for n in ckpt.shapes:
+        members.setdefault(find(n), []).append(n)
+    groups = []
+    for names in members.values():
+        if len(names) > 1:  # the embedding name first (canonical), then checkpoint order
+            names.sort(key=lambda n: (not _EMBEDDING_NAME.search(n), position[n]))
+            groups.append(tuple(names))
+    groups.sort(key=lambda g: position[g[0]])
+    return groups
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (so NaNs in equal copies still match)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+
+def _check_size(label: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise CheckpointError(label, f"too large: {_human_bytes(size)}, over the {_human_bytes(max_bytes)} limit")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _combined_sha256(file_digests: dict[str, str]) -> str:
+    """sha256 over the sorted (relative name, file sha256) pairs, one "name\\tdigest\\n" line each."""
+    digest = hashlib.sha256()
+    for name in sorted(file_digests):
+        digest.update(f"{name}\t{file_digests[name]}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_json(label: str, raw: bytes) -> dict:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(label, f"not valid JSON ({_first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(label, f"JSON {type(value).__name__}, expected an object")
+    return value
+
+
+def _natural_key(name: str) -> list:
+    """'blocks.2.x' before 'blocks.10.x'."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _numel(shape) -> int:
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1000:
+        return f"{n} bytes"
+    value, unit = float(n), "bytes"
+    for unit in ("KB", "MB", "GB", "TB"):
+        value /= 1000
+        if value < 1000:
+            break
+    return f"{value:.1f} {unit}"
