@@ -5,7 +5,12 @@ import argparse
 import sys
 
 from spectral.analysis import Settings, role_table
-from spectral.commands.common import StderrProgress, add_checkpoint_argument, probability, write_text
+from spectral.commands.common import (
+    StderrProgress,
+    add_checkpoint_argument,
+    probability,
+    write_text,
+)
 from spectral.noise import ESTIMATORS
 from spectral.workspace import Workspace
 

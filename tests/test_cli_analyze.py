@@ -1,0 +1,93 @@
+"""`python -m spectral analyze`: DESIGN.md's JSON contract, CSV, exit codes and one-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.rmt_oracles import spiked
+
+ROOT = Path(__file__).resolve().parent.parent
+MATRIX_KEYS = {"name", "shape", "role", "tied_with", "sigma", "edge_upper", "edge_lower", "n_signal", "n_below",
+               "z_max", "energy_rank", "utilization", "participation_ratio", "stable_rank", "effective_rank",
+               "spectral_norm", "frobenius_norm", "alpha", "ave_w_phi", "ks_distance", "warnings"}
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "spectral", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """Two planted spikes in a 200×800 noise matrix, an embedding tied to a head, a bias and a NaN matrix."""
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    emb = torch.from_numpy(spiked(800, 200, [3.0, 4.0], sigma=0.02, seed=1)).float()
+    bad = torch.randn(64, 128)
+    bad[3, 5] = float("nan")
+    save_file({"tok_emb.weight": emb, "lm_head.weight": emb.clone(),
+               "blocks.0.mlp.c_fc.weight": torch.from_numpy(spiked(512, 128, seed=3)).float(),
+               "blocks.0.mlp.c_fc.bias": torch.zeros(512), "blocks.0.attn.c_proj.weight": bad}, str(path))
+    return path
+
+
+def test_analyze_writes_design_json(small_checkpoint, tmp_path):
+    out = tmp_path / "a.json"
+    result = run_cli("analyze", small_checkpoint, "--json", out, "--csv", tmp_path / "a.csv")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"checkpoint", "settings", "matrices", "summary"}
+    assert set(doc["checkpoint"]) >= {"path", "sha256", "format", "n_tensors", "n_params"}
+    assert doc["settings"] == {"estimator": "bema", "confidence": 0.99, "energy": 0.999}
+    by_name = {m["name"]: m for m in doc["matrices"]}
+    assert set(by_name) == {"tok_emb.weight", "blocks.0.mlp.c_fc.weight"}, "tied pair once, bias and NaN out"
+    for m in doc["matrices"]:
+        assert set(m) >= MATRIX_KEYS
+    emb = by_name["tok_emb.weight"]
+    assert emb["tied_with"] == ["lm_head.weight"] and emb["role"] == "embedding"
+    assert emb["shape"] == [800, 200] and emb["n_signal"] == 2
+    assert abs(emb["sigma"] - 0.02) < 0.002
+    assert by_name["blocks.0.mlp.c_fc.weight"]["n_signal"] == 0
+    s = doc["summary"]
+    assert s["n_matrices"] == 2 and s["matrix_params"] == 800 * 200 + 512 * 128
+    assert s["params_kept_mp"] == 2 * (800 + 200)
+    assert "blocks.0.attn.c_proj.weight" in result.stderr and "NaN" in result.stderr
+    assert "tok_emb.weight" in result.stdout, "a human-readable table goes to stdout when --json is a file"
+    csv_lines = (tmp_path / "a.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("name,shape,role")
+
+
+def test_analyze_prints_json_to_stdout_and_respects_settings(small_checkpoint):
+    result = run_cli("analyze", small_checkpoint, "--estimator", "median", "--confidence", "0.9", "--energy", "0.5")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["settings"] == {"estimator": "median", "confidence": 0.9, "energy": 0.5}
+
+
+@pytest.mark.parametrize("content, problem", [(b"", "empty"), (b"hello world, not weights" * 3, "header")])
+def test_bad_checkpoint_exits_3_with_one_line(tmp_path, content, problem):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    result = run_cli("analyze", bad)
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.safetensors" in lines[0] and problem in lines[0].lower()
+
+
+def test_missing_path_exits_3(tmp_path):
+    result = run_cli("analyze", tmp_path / "nope.pt")
+    assert result.returncode == 3 and "nope.pt" in result.stderr
+
+
+def test_bad_arguments_exit_2(small_checkpoint):
+    result = run_cli("analyze", small_checkpoint, "--confidence", "7")
+    assert result.returncode == 2
+
+
+def test_role_table_sums_per_role(small_checkpoint):
+    result = run_cli("analyze", small_checkpoint, "--table")
+    assert result.returncode == 0, result.stderr
+    assert "| embedding | 1 | 2/200 |" in result.stdout
