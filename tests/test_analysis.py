@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from spectral.analysis import Settings, Spectrum, analyze_spectrum, factorised_params, summarize
+from spectral.analysis import (
+    Settings,
+    Spectrum,
+    analyze_spectrum,
+    factorised_params,
+    summarize,
+)
 from spectral.spectra import singular_values
 from tests.rmt_oracles import spiked
 
