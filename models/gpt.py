@@ -20,7 +20,7 @@ class GPTConfig:
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
     n_embd: int = 192  # residual stream width
-    dropout: float = 0.1  # used in training only
+    dropout: float = 0.0  # used in training only
     bias: bool = True  # biases in Linear layers and LayerNorms
 
     def to_dict(self) -> dict:

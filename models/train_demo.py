@@ -1,6 +1,6 @@
 """Rebuild the bundled demo: a byte-pair tokenizer and a weight-tied GPT trained on CPython's pydoc_data.topics.
 
-    python -m models.train_demo            # about 25 minutes on 2 CPU cores; writes models/demo/
+    python -m models.train_demo            # about 15 minutes on 2 CPU cores; writes models/demo/
 
 The text is CPython's own documentation topics, so no download is needed. The last 10% of the text (by characters,
 topics in sorted order) is held out; it is saved as models/demo/heldout.txt so evaluation does not depend on the
@@ -72,24 +72,29 @@ def heldout_loss(model: GPT, ids: torch.Tensor, block_size: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=192)
+    parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--dropout", type=float, default=0.2, help="the corpus is small (about 0.1M tokens)")
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-minutes", type=float, default=50.0, help="stop early, keeping the best checkpoint")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.time()
     train_text, heldout_text = corpus_text()
     tok = train_tokenizer(train_text, args.vocab)
     train_ids = torch.tensor(tok.encode(train_text).ids, dtype=torch.long)
     heldout_ids = torch.tensor(tok.encode(heldout_text).ids, dtype=torch.long)
-    config = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head)
+    config = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+                       dropout=args.dropout)
     model = GPT(config)
     print(f"{len(train_ids)} train / {len(heldout_ids)} held-out tokens; {model.n_params()} parameters", flush=True)
 

@@ -25,8 +25,8 @@ def probability(text: str) -> float:
 
 
 class StderrProgress:
-    """A tqdm bar on stderr fed by the engine's progress(i, total, label) callbacks; silent when not a terminal
-    unless the work is long (tqdm's mininterval keeps it cheap)."""
+    """A tqdm bar on stderr fed by the engine's progress(i, total, label) callbacks. It appears only on a terminal
+    and only once the work has taken more than a second, so short runs and pipes stay clean."""
 
     def __init__(self, description: str):
         self.description = description
@@ -35,7 +35,7 @@ class StderrProgress:
     def __call__(self, i: int, total: int, label: str) -> None:
         if self.bar is None:
             self.bar = tqdm(total=total, desc=self.description, file=sys.stderr, unit="matrix", leave=False,
-                            disable=None if sys.stderr.isatty() else False, mininterval=0.5)
+                            disable=None, delay=1.0, mininterval=0.5)
         self.bar.n = i
         self.bar.set_postfix_str(label[-40:], refresh=False)
         self.bar.refresh()
