@@ -11,7 +11,8 @@ import sys
 
 from spectral.checkpoint import CheckpointError
 
-COMMANDS = ["analyze", "prune", "report"]  # modules under spectral/commands, in help order
+COMMANDS = ["analyze", "prune", "report", "truths", "tying", "thresholds", "deciles", "overlap", "redundancy", "whitened"]
+# ^ modules under spectral/commands, in help order; a missing module is simply not offered
 
 EXIT_BAD_ARGS = 2
 EXIT_BAD_CHECKPOINT = 3
