@@ -1,0 +1,354 @@
+"""Which checkpoints can be run, and how: `runnable_model(checkpoint)` returns a `Runnable` or raises `NotRunnable`.
+
+What-ifs need a forward pass; the analysis does not. A `Runnable` is the one thing the what-if engine
+(spectral/pruning.py, spectral/evaluation.py) needs from an architecture:
+
+- `module`: a torch module in eval mode, float32, never modified after construction;
+- `param_names`: for every checkpoint tensor that feeds the module, the module parameters it becomes (tied names
+  map to the same parameter), so a cut matrix can be swapped in without touching `module`;
+- `stages`: the forward pass cut into consecutive pieces (embedding, each block, head), each naming the parameters
+  it reads, so that a cut in block 3 re-runs blocks 3..n only, from cached activations of the untouched model;
+- `tokenizer`, `eval_text`, `block_size`: what evaluation needs to build its batch.
+
+Dispatch, in this order (docs/supported.md lists what runs and what is "spectra only"):
+1. the demo architecture (models/gpt.py, metadata or config "architecture": "spectra-demo-gpt");
+2. Hugging Face families (models/hf.py, through `transformers`): a config.json `model_type` (GPT-2, Llama, Mistral,
+   Qwen2, BERT, RoBERTa, XLM-RoBERTa, DistilBERT), or a GPT-2/Llama/BERT layout recognised by its tensor names;
+3. nanoGPT (`ckpt.pt` with `model_args`, or a bare state dict; keys `transformer.wte/wpe/h.N...`, `lm_head` tied to
+   `wte`; `_orig_mod.` prefixes are stripped by the loader), which is the demo's network under other names;
+4. anything else: `NotRunnable` ending in "spectra only".
+A hyperparameter the shapes do not fix (heads, RoPE base, norm epsilon) comes from config.json, nanoGPT's
+`model_args`, safetensors metadata or `config_overrides`; never from a guess. Missing ones are listed in
+`NotRunnable.needs`, so the dashboard can ask for them.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from models.gpt import GPT, GPTConfig
+
+DEMO_ARCHITECTURE = "spectra-demo-gpt"
+NANOGPT_ARCHITECTURE = "nanogpt"
+EVAL_TEXT_FILE = "heldout.txt"  # held-out text shipped beside the weights (the demo's convention)
+TOKENIZER_FILE = "tokenizer.json"
+
+Overrides = Mapping[str, torch.Tensor]  # canonical module parameter name -> replacement tensor
+
+
+@dataclass(frozen=True)
+class Need:
+    """A hyperparameter the weights do not fix, which the user can give (`config_overrides={name: value}`)."""
+
+    name: str  # the config key, e.g. "n_head", "num_attention_heads", "rope_theta"
+    help: str  # what it is, with the usual values of well-known models
+    kind: str = "int"  # "int" | "float"
+    choices: tuple = ()  # the only values the shapes allow (e.g. the divisors of the width for a head count)
+    typical: float | int | None = None  # a value to show as a placeholder; never used unless the user picks it
+
+
+class NotRunnable(Exception):
+    """The checkpoint can be analysed but not run; `str(error)` is one line: "<source>: <reason>".
+
+    `needs` lists hyperparameters that would make it runnable if the user gave them (empty when none would)."""
+
+    def __init__(self, source: str, reason: str, needs: tuple[Need, ...] = ()):
+        self.source = str(source)
+        self.reason = " ".join(str(reason).split())
+        self.needs = tuple(needs)
+        super().__init__(f"{self.source}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """One module parameter fed by a checkpoint tensor."""
+
+    name: str  # canonical parameter name in `Runnable.module` (as `named_parameters()` lists it)
+    transposed: bool = False  # the parameter is the stored tensor transposed (2-D only)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A consecutive piece of the forward pass: `run(overrides, x)` maps the previous stage's output to the next."""
+
+    name: str
+    params: frozenset[str]  # canonical parameter names this stage reads
+    run: Callable[[Overrides, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Runnable:
+    """A runnable model built from a checkpoint (see the module docstring)."""
+
+    module: nn.Module
+    kind: str  # "causal_lm" (logits over a vocabulary) | "encoder" (sentence embeddings)
+    architecture: str
+    param_names: dict[str, list[ParamRef]]  # checkpoint tensor name -> module parameters it feeds
+    tokenizer: object | None  # tokenizers.Tokenizer
+    eval_text: str | None  # held-out text shipped with the model, if any
+    block_size: int  # longest input in tokens
+    vocab_size: int | None = None
+    stages: list[Stage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # things worth telling the user (ignored side files)
+    pad_token_id: int | None = None  # encoders: the id that pads sentences to one length (masked out)
+    _by_name: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def params_for(self, tensor_names) -> list[ParamRef]:
+        """Module parameters fed by any of these checkpoint tensors (a matrix and its tied names), de-duplicated."""
+        seen: dict[str, ParamRef] = {}
+        for name in tensor_names:
+            for ref in self.param_names.get(name, []):
+                seen.setdefault(ref.name, ref)
+        return list(seen.values())
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """The untouched module parameter `name` (canonical); read-only by convention."""
+        if self._by_name is None:
+            self._by_name = dict(self.module.named_parameters())
+        return self._by_name[name]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, overrides: Overrides | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) with some parameters replaced; `module` itself is never changed."""
+        overrides = overrides or {}
+        if self.stages:
+            x = input_ids
+            for stage in self.stages:
+                x = stage.run(overrides, x)
+            return x
+        return functional_call(self.module, dict(overrides), (input_ids,), tie_weights=True, strict=False)
+
+
+# ------------------------------------------------------------------------------------------------------ entry point
+
+def runnable_model(checkpoint, *, tokenizer=None, eval_text: str | None = None,
+                   config_overrides: dict | None = None) -> Runnable:
+    """A `Runnable` for a loaded `spectral.checkpoint.Checkpoint`, or `NotRunnable` saying why not.
+
+    `tokenizer` (a tokenizers.Tokenizer or a path to tokenizer.json) and `eval_text` replace what is found beside the
+    weights (or uploaded with them); `config_overrides` supplies hyperparameters the checkpoint does not record
+    (e.g. {"n_head": 12}); `NotRunnable.needs` says which."""
+    names = set(checkpoint.names())
+    config = dict(checkpoint.config or {})
+    config.update(config_overrides or {})
+    metadata = checkpoint.metadata or {}
+    architecture = metadata.get("architecture") or config.get("architecture")
+
+    from models import hf
+
+    if architecture == DEMO_ARCHITECTURE or (architecture is None and "tok_emb.weight" in names
+                                             and any(n.startswith("blocks.") for n in names)):
+        runnable = _build_gpt(checkpoint, config, _DEMO_NAMES, DEMO_ARCHITECTURE)
+    elif architecture != NANOGPT_ARCHITECTURE and (model_type := hf.hf_model_type(checkpoint, config)):
+        runnable = hf.build(checkpoint, config, model_type)
+    elif architecture == NANOGPT_ARCHITECTURE or "transformer.wte.weight" in names:
+        runnable = _build_gpt(checkpoint, config, _NANOGPT_NAMES, NANOGPT_ARCHITECTURE)
+    else:
+        raise NotRunnable(checkpoint.source, "architecture not recognised (runnable: the demo GPT, nanoGPT, and "
+                          "Hugging Face GPT-2, Llama-family and BERT-family models; see docs/supported.md); "
+                          "spectra only")
+    _attach_text(runnable, checkpoint, tokenizer, eval_text)
+    return runnable
+
+
+# ---------------------------------------------------------------------------------------------- GPT and nanoGPT
+
+def _demo_name(module_name: str) -> str:
+    return module_name
+
+
+_NANOGPT_RULES = [(re.compile(r"^transformer\.wte\."), "tok_emb."), (re.compile(r"^transformer\.wpe\."), "pos_emb."),
+                  (re.compile(r"^transformer\.h\.(\d+)\."), r"blocks.\1."), (re.compile(r"^transformer\.ln_f\."), "ln_f.")]
+
+
+def _nanogpt_name(stored: str) -> str:
+    for pattern, replacement in _NANOGPT_RULES:
+        if pattern.search(stored):
+            return pattern.sub(replacement, stored)
+    return stored
+
+
+_DEMO_NAMES = _demo_name
+_NANOGPT_NAMES = _nanogpt_name
+_IGNORED_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")  # nanoGPT's causal-mask buffers (non-flash path)
+
+
+def _build_gpt(checkpoint, config: dict, to_module_name: Callable[[str], str], architecture: str) -> Runnable:
+    """models/gpt.py's GPT with the checkpoint's weights; nanoGPT's names are mapped onto ours (same network)."""
+    source = checkpoint.source
+    shapes = checkpoint.shapes
+    module_of = {}  # stored name -> module state-dict name
+    for stored in checkpoint.names():
+        if _IGNORED_BUFFERS.search(stored) and len(shapes[stored]) != 1:
+            continue
+        module_of[stored] = to_module_name(stored)
+    by_module = {}
+    for stored, mod in module_of.items():
+        by_module.setdefault(mod, stored)
+
+    if "tok_emb.weight" not in by_module:
+        raise NotRunnable(source, "no token embedding (tok_emb.weight / transformer.wte.weight) found")
+    vocab_size, n_embd = shapes[by_module["tok_emb.weight"]]
+    n_layer = 1 + max((int(m.split(".")[1]) for m in by_module if m.startswith("blocks.")), default=-1)
+    inferred = {"vocab_size": vocab_size, "n_embd": n_embd, "n_layer": n_layer,
+                "bias": "ln_f.bias" in by_module}
+    if "pos_emb.weight" in by_module:
+        inferred["block_size"] = shapes[by_module["pos_emb.weight"]][0]
+    if "n_head" not in config:
+        raise NotRunnable(source, "the number of attention heads is not recorded (no config/model_args with "
+                          "n_head); give it explicitly",
+                          needs=(Need("n_head", "attention heads per block (nanoGPT's GPT-2 small: 12)", "int",
+                                      tuple(d for d in range(1, n_embd + 1) if n_embd % d == 0)),))
+    values = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+    for key, value in inferred.items():
+        if key in values and values[key] != value:
+            raise NotRunnable(source, f"config says {key}={values[key]} but the weights have {key}={value}")
+        values[key] = value
+    try:
+        gpt_config = GPTConfig(**values)
+        with torch.device("meta"):
+            model = GPT(gpt_config)
+    except (TypeError, ValueError) as e:
+        raise NotRunnable(source, f"invalid GPT config ({e})") from None
+
+    expected = model.state_dict(keep_vars=True)
+    missing = [m for m in expected if m not in by_module and m != "lm_head.weight"]
+    unexpected = [s for s, m in module_of.items() if m not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        raise NotRunnable(source, f"tensors do not match the {architecture} layout ({'; '.join(parts)})")
+    for mod, stored in by_module.items():
+        if tuple(expected[mod].shape) != tuple(shapes[stored]):
+            raise NotRunnable(source, f"{stored} has shape {list(shapes[stored])}, the {architecture} layout "
+                              f"expects {list(expected[mod].shape)}")
+    head = by_module.get("lm_head.weight")
+    if head is not None and head not in checkpoint.tied_with(by_module["tok_emb.weight"]):
+        raise NotRunnable(source, f"{head} differs from {by_module['tok_emb.weight']}, but this architecture ties "
+                          "the LM head to the token embedding")
+
+    state = {}
+    for mod in expected:
+        stored = by_module.get(mod, by_module["tok_emb.weight"] if mod == "lm_head.weight" else None)
+        tensor = checkpoint.tensor(stored)
+        if not torch.is_floating_point(tensor):
+            raise NotRunnable(source, f"{stored} has dtype {tensor.dtype}, expected floating point")
+        state[mod] = tensor.to(torch.float32).contiguous()
+    state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.lm_head.weight = model.tok_emb.weight  # re-tie: assign=True made two Parameters of one tensor
+    model.eval().requires_grad_(False)
+
+    canonical = canonical_names(model)
+    param_names = {stored: [ParamRef(canonical[mod])] for stored, mod in module_of.items() if mod in canonical}
+    return Runnable(module=model, kind="causal_lm", architecture=architecture, param_names=param_names,
+                    tokenizer=None, eval_text=None, block_size=gpt_config.block_size,
+                    vocab_size=gpt_config.vocab_size, stages=_gpt_stages(model, canonical))
+
+
+def canonical_names(module: nn.Module) -> dict[str, str]:
+    """Every parameter name, aliases included (`lm_head.weight`), -> the name `named_parameters()` lists."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return out
+
+
+def _submodule_call(model: nn.Module, path: str, canonical: dict[str, str]):
+    """(call, params): call(overrides, *args) runs submodule `path` with its overridden parameters swapped in."""
+    sub = model.get_submodule(path)
+    local_to_canonical = {local: canonical[f"{path}.{local}"] for local, _ in sub.named_parameters(remove_duplicate=False)}
+
+    def call(overrides: Overrides, *args):
+        swapped = {local: overrides[c] for local, c in local_to_canonical.items() if c in overrides}
+        if not swapped:
+            return sub(*args)
+        return functional_call(sub, swapped, args, tie_weights=False, strict=False)
+
+    return call, frozenset(local_to_canonical.values())
+
+
+def _gpt_stages(model: GPT, canonical: dict[str, str]) -> list[Stage]:
+    """GPT.forward cut at block boundaries: embedding, each block, final norm + tied head (models/gpt.py)."""
+    tok, tok_params = _submodule_call(model, "tok_emb", canonical)
+    pos, pos_params = _submodule_call(model, "pos_emb", canonical)
+
+    def embed(overrides: Overrides, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]  # idx: (B, T)
+        if T > model.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={model.config.block_size}")
+        return tok(overrides, idx) + pos(overrides, torch.arange(T, device=idx.device))  # (B, T, C)
+
+    stages = [Stage("embedding", tok_params | pos_params, embed)]
+    for i in range(len(model.blocks)):
+        block, params = _submodule_call(model, f"blocks.{i}", canonical)
+        stages.append(Stage(f"blocks.{i}", params, block))
+    ln_f, ln_params = _submodule_call(model, "ln_f", canonical)
+    head, head_params = _submodule_call(model, "lm_head", canonical)
+    stages.append(Stage("head", ln_params | head_params, lambda overrides, x: head(overrides, ln_f(overrides, x))))
+    return stages
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer, text
+
+def _attach_text(runnable: Runnable, checkpoint, tokenizer, eval_text: str | None) -> None:
+    """Tokenizer and held-out text: given explicitly, else tokenizer.json / heldout.txt beside the weights."""
+    folder = _checkpoint_folder(checkpoint)
+    uploaded = getattr(checkpoint, "side_files", None) or {}
+    if tokenizer is None and TOKENIZER_FILE in uploaded:
+        tokenizer = uploaded[TOKENIZER_FILE]
+    if tokenizer is None and folder is not None and (folder / TOKENIZER_FILE).is_file():
+        tokenizer = folder / TOKENIZER_FILE
+    if isinstance(tokenizer, (str, Path, bytes)):
+        from tokenizers import Tokenizer
+
+        label = TOKENIZER_FILE if isinstance(tokenizer, bytes) else str(tokenizer)
+        try:
+            if isinstance(tokenizer, bytes):
+                tokenizer = Tokenizer.from_str(tokenizer.decode("utf-8"))
+            else:
+                tokenizer = Tokenizer.from_file(str(tokenizer))
+            tokenizer.no_padding()  # a tokenizer.json may pad or truncate every encoding (sentence-transformers'
+            tokenizer.no_truncation()  # pad to 128): evaluation builds its own windows and sentences
+        except Exception as e:  # noqa: BLE001 - a bad side file only costs the text evaluation
+            runnable.notes.append(f"{label}: unreadable tokenizer ({str(e).splitlines()[0][:120]}); ignored")
+            tokenizer = None
+    if tokenizer is not None and runnable.vocab_size is not None and tokenizer.get_vocab_size() > runnable.vocab_size:
+        runnable.notes.append(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                              f"{runnable.vocab_size}; ignored")
+        tokenizer = None
+    runnable.tokenizer = tokenizer
+    if eval_text is None and EVAL_TEXT_FILE in uploaded:
+        eval_text = uploaded[EVAL_TEXT_FILE].decode("utf-8", errors="replace")
+    if eval_text is None and folder is not None and (folder / EVAL_TEXT_FILE).is_file():
+        eval_text = (folder / EVAL_TEXT_FILE).read_text(encoding="utf-8", errors="replace")
+    runnable.eval_text = eval_text
+
+
+def _checkpoint_folder(checkpoint) -> Path | None:
+    for f in checkpoint.files or []:
+        p = Path(f)
+        if p.is_file():
+            return p.parent
+        if p.is_dir():
+            return p
+    return None
+
+
+def gpt_metadata(runnable: Runnable) -> dict[str, str]:
+    """safetensors metadata that lets `runnable_model` rebuild this architecture from a saved file."""
+    model = runnable.module
+    if not isinstance(model, GPT):
+        return {}
+    return {"architecture": runnable.architecture, "config": json.dumps(model.config.to_dict())}

@@ -1,0 +1,134 @@
+"""`python -m spectral prune CKPT --strategy ...`: cut the model, compare it with the untouched one (DESIGN.md).
+
+Exit codes: 0 success; 2 bad arguments (an out-of-range --value, an unreadable --text file, text for a model
+without a tokenizer, an unknown --override matrix); 3 a checkpoint that cannot be read, or that can be read but
+not run (an architecture without a forward pass here: `analyze` still works on it). Errors are one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from spectral.analysis import Settings
+from spectral.checkpoint import CheckpointError
+from spectral.cli import UsageError
+from spectral.commands.common import StderrProgress, add_checkpoint_argument, write_text
+from spectral.evaluation import DEFAULT_POSITIONS, EvaluationError, WhatIf, make_eval_batch
+from spectral.noise import ESTIMATORS
+from spectral.pruning import DEFAULT_VALUES, PRECISIONS, SCOPES, STRATEGIES, PlanError, Strategy, save_pruned
+from spectral.workspace import Workspace
+
+EPILOG = """strategies: mp (keep z > VALUE, default 2.0234), energy (keep the fraction VALUE of each matrix's energy,
+default 0.999), rank (keep the fraction VALUE of each matrix's rank, default 0.5), optimal (Gavish-Donoho hard
+threshold), none (no cut; with --precision the quantisation alone); extras: band (remove decile VALUE of the
+singular values, 0 = largest), rank1, random (same Frobenius norm, seed VALUE), zero.
+exit codes: 2 bad arguments, 3 checkpoint unreadable or not runnable."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prune", help="cut weight matrices and measure agreement, KL and perplexity",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_argument(p)
+    p.add_argument("--strategy", required=True, choices=list(STRATEGIES), help="how each matrix is cut")
+    p.add_argument("--value", type=float, help="the strategy's threshold (see below for defaults)")
+    p.add_argument("--scope", choices=list(SCOPES), default="all", help="which matrices are cut (default all)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="storage precision of the matrices in scope after the cut (default fp32: unchanged)")
+    p.add_argument("--text", metavar="FILE", help="evaluate on this text (default: the model's held-out text, "
+                                                  "else sequences sampled from the model)")
+    p.add_argument("--json", metavar="PATH", help="write the JSON here (default: stdout)")
+    p.add_argument("--save", metavar="PATH", help="write the cut model as a .safetensors file")
+    p.add_argument("--estimator", choices=list(ESTIMATORS), default="bema",
+                   help="noise σ estimator behind the mp z-scores (default bema)")
+    p.add_argument("--positions", type=int, default=DEFAULT_POSITIONS,
+                   help=f"predicted positions in the evaluation batch (default {DEFAULT_POSITIONS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampled evaluation sequences (default 0)")
+    p.add_argument("--override", action="append", default=[], metavar="MATRIX=STRATEGY[:VALUE]",
+                   help="give one matrix its own strategy, e.g. tok_emb.weight=none (repeatable)")
+    p.add_argument("--scan", choices=["matrix", "role"],
+                   help="also cut one matrix (or role) at a time and report the KL each causes alone")
+    p.set_defaults(run=run)
+
+
+def parse_override(text: str, precision: str) -> tuple[str, Strategy]:
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        raise UsageError(f"--override {text!r}: expected MATRIX=STRATEGY[:VALUE]")
+    strategy, _, value = spec.partition(":")
+    try:
+        return name, Strategy(strategy, float(value) if value else None, precision)
+    except ValueError as e:
+        raise UsageError(f"--override {text!r}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.value is not None and args.strategy not in DEFAULT_VALUES:
+        raise UsageError(f"--value does not apply to --strategy {args.strategy}")
+    if args.positions < 1:
+        raise UsageError(f"--positions must be positive, got {args.positions}")
+    try:
+        strategy = Strategy(args.strategy, args.value, args.precision)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    overrides = dict(parse_override(o, args.precision) for o in args.override)
+    text = None
+    if args.text is not None:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UsageError(f"--text {args.text}: cannot read ({e.strerror or e})") from None
+
+    workspace = Workspace.open(args.checkpoint)
+    from models.registry import NotRunnable, runnable_model
+
+    try:
+        runnable = runnable_model(workspace.checkpoint)
+    except NotRunnable as e:
+        raise CheckpointError(e.source, f"cannot be run, so no what-if ({e.reason}); `analyze` still works") from None
+    try:
+        batch = make_eval_batch(runnable, text, positions=args.positions, seed=args.seed)
+    except EvaluationError as e:
+        raise UsageError(f"--text {args.text}: {e}" if text is not None else str(e)) from None
+    whatif = WhatIf(workspace, runnable, batch=batch, settings=Settings(estimator=args.estimator))
+    progress = StderrProgress("singular values")
+    if strategy.name in ("mp", "optimal", "energy"):
+        workspace.spectra(progress)
+        progress.close()
+    try:
+        result = whatif.run(strategy, scope=args.scope, overrides=overrides)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    out = result.to_dict()
+    if args.scan:
+        scan_progress = StderrProgress(f"sensitivity by {args.scan}")
+        out["sensitivity"] = whatif.scan(strategy, by=args.scan, scope=args.scope, progress=scan_progress)
+        scan_progress.close()
+    for warning in out["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.save:
+        try:
+            save_pruned(whatif.pruner, args.save)
+        except OSError as e:
+            raise UsageError(f"--save {args.save}: cannot write ({e.strerror or e})") from None
+    text_out = json.dumps(out, indent=2)
+    if args.json not in (None, "-"):
+        write_text(args.json, text_out)
+        print(summary_line(out))
+    else:
+        write_text(None, text_out)
+    return 0
+
+
+def summary_line(out: dict) -> str:
+    """One human line: strategy, agreement, KL, perplexity, parameters, compression, evaluation batch."""
+    value = "" if out["value"] is None else f" {out['value']:g}"
+    ppl = ""
+    if out["perplexity_before"] is not None:
+        ppl = f", perplexity {out['perplexity_before']:.2f} -> {out['perplexity_after']:.2f}"
+    kl = f"KL {out['kl']:.3g} nats" if out["kl"] is not None else f"cosine {out['cosine']:.4f}"
+    ev = out["eval"]
+    return (f"{out['strategy']}{value} ({out['scope']}, {out['precision']}): agreement {out['agreement']:.1%}, {kl}"
+            f"{ppl}; params {out['params_before']:,} -> {out['params_after']:,}, compression "
+            f"{out['compression']:.2f}x; eval {ev['source']} ({ev['sequences']} sequences, {ev['tokens']} tokens)")

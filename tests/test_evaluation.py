@@ -1,0 +1,251 @@
+"""spectral/evaluation.py: the fixed batch, reference outputs, agreement / KL / perplexity, the sensitivity scan."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models
+
+from models.gpt import GPT, GPTConfig
+from models.registry import ParamRef, Runnable, runnable_model
+from spectral.checkpoint import load_checkpoint
+from spectral.evaluation import (
+    EvalBatch,
+    EvaluationError,
+    Evaluator,
+    WhatIf,
+    embedding_metrics,
+    kl_agreement,
+    make_eval_batch,
+    sample_batch,
+    sensitivity_scan,
+    token_batch,
+    windows,
+)
+from spectral.pruning import Strategy
+from spectral.workspace import Workspace
+
+CONFIG = GPTConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, block_size=32)
+DEMO = Path(__file__).resolve().parent.parent / "models" / "demo" / "model.safetensors"
+
+
+# --------------------------------------------------------------------------------- a hand-built two-layer model
+
+class TwoLayer(torch.nn.Module):
+    """logits = W2 relu(W1 onehot(token)): vocabulary 3, hidden 2."""
+
+    def __init__(self, w1, w2):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.tensor(w1, dtype=torch.float32))
+        self.w2 = torch.nn.Parameter(torch.tensor(w2, dtype=torch.float32))
+
+    def forward(self, ids):
+        x = torch.nn.functional.one_hot(ids, 3).float()  # (B, T, 3)
+        return torch.relu(x @ self.w1.T) @ self.w2.T  # (B, T, 3)
+
+
+W1 = [[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]
+W2 = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+
+
+def two_layer_runnable():
+    module = TwoLayer(W1, W2).eval().requires_grad_(False)
+    return Runnable(module=module, kind="causal_lm", architecture="hand", tokenizer=None, eval_text=None,
+                    block_size=4, vocab_size=3,
+                    param_names={"w1": [ParamRef("w1")], "w2": [ParamRef("w2")]})
+
+
+def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def test_hand_built_two_layer_model_gives_the_kl_computed_by_hand():
+    runnable = two_layer_runnable()
+    # inputs: tokens 0, 1, 2 (one sequence); labels: 2, 0, 1
+    batch = EvalBatch(torch.tensor([[0, 1, 2]]), torch.tensor([[2, 0, 1]]), "tokens")
+    evaluator = Evaluator(runnable, batch)
+    cut_w1 = [[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]]  # the second hidden unit removed
+    metrics = evaluator.evaluate({"w1": torch.tensor(cut_w1)})
+
+    # By hand. hidden h = relu(W1 e_t): t=0 -> (1, 0); t=1 -> (0, 1); t=2 -> (2, 0) (relu(-1) = 0).
+    # logits z = W2 h = (h1, h2, h1 + h2): t=0 -> (1, 0, 1); t=1 -> (0, 1, 1); t=2 -> (2, 0, 2).
+    # Cut: h2 = 0 always: t=0 -> (1, 0, 1) (unchanged); t=1 -> (0, 0, 0); t=2 -> (2, 0, 2) (unchanged).
+    z_before = [np.array([1.0, 0, 1]), np.array([0.0, 1, 1]), np.array([2.0, 0, 2])]
+    z_after = [np.array([1.0, 0, 1]), np.array([0.0, 0, 0]), np.array([2.0, 0, 2])]
+    # Position 1: p = (1, e, e)/(1 + 2e), q = (1/3, 1/3, 1/3), KL = Σ p log(3p).
+    e = math.e
+    p1 = np.array([1, e, e]) / (1 + 2 * e)
+    kl1 = float(np.sum(p1 * np.log(3 * p1)))
+    assert metrics.kl == pytest.approx(kl1 / 3, rel=1e-6)
+    kl_direct = [np.sum(softmax(a) * (np.log(softmax(a)) - np.log(softmax(b)))) for a, b in zip(z_before, z_after)]
+    assert metrics.kl == pytest.approx(np.mean(kl_direct), rel=1e-6)
+    # Agreement: argmax ties go to the first index (torch and numpy alike): t=0: 0 vs 0; t=1: 1 vs 0; t=2: 0 vs 0.
+    assert metrics.agreement == pytest.approx(2 / 3)
+    # Perplexity: labels 2, 0, 1.
+    nll_before = -np.mean([np.log(softmax(z)[y]) for z, y in zip(z_before, [2, 0, 1])])
+    nll_after = -np.mean([np.log(softmax(z)[y]) for z, y in zip(z_after, [2, 0, 1])])
+    assert metrics.perplexity_before == pytest.approx(math.exp(nll_before), rel=1e-6)
+    assert metrics.perplexity_after == pytest.approx(math.exp(nll_after), rel=1e-6)
+
+
+def test_no_cut_gives_agreement_exactly_one_and_kl_exactly_zero():
+    runnable = two_layer_runnable()
+    evaluator = Evaluator(runnable, EvalBatch(torch.tensor([[0, 1, 2, 1]]), torch.tensor([[1, 2, 0, 0]]), "tokens"))
+    for overrides in ({}, {"w1": runnable.module.w1.detach().clone()}):  # skipped, then a full forward pass
+        m = evaluator.evaluate(overrides)
+        assert m.agreement == 1.0 and m.kl == 0.0
+        assert m.perplexity_after == m.perplexity_before
+
+
+def test_kl_survives_tiny_changes_and_huge_ones():
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(64, 500, generator=g) * 3
+    for scale in (1e-5, 1e-3, 1.0, 100.0):
+        z = z0 + scale * torch.randn(64, 500, generator=g)
+        kl_sum, _, _ = kl_agreement(z0, torch.logsumexp(z0, -1), z0.argmax(-1), z)
+        p = torch.log_softmax(z0.double(), -1)
+        q = torch.log_softmax(z.double(), -1)
+        exact = float((p.exp() * (p - q)).sum(-1).mean())
+        assert kl_sum / 64 == pytest.approx(exact, rel=1e-4)
+
+
+def test_embedding_metrics_by_hand():
+    ref = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    same = embedding_metrics(ref, ref * 2.0)
+    assert same == pytest.approx((1.0, 1.0))
+    moved = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 0.9]])  # sentence 1 now sits next to sentence 2
+    cosine, agreement = embedding_metrics(ref, moved)
+    cos1 = 0.1 / math.hypot(0.9, 0.1)
+    cos2 = 0.9 / math.hypot(0.1, 0.9)
+    assert cosine == pytest.approx((1.0 + cos1 + cos2) / 3)
+    # nearest neighbours before: 0->1, 1->0, 2->1; after: 0->2 (cos .11 vs 0), 1->2, 2->1
+    assert agreement == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------------------------------------- batches
+
+def test_windows_cover_the_text_and_predict_the_next_token():
+    ids = torch.arange(10_000)
+    x, y = windows(ids, 2048, 128)
+    assert x.shape == (16, 128) and x.numel() >= 2000
+    assert torch.equal(y, x + 1)
+    assert int(x[0, 0]) == 0 and int(y[-1, -1]) == 9999  # first and last tokens of the text are used
+    assert len(set(x[:, 0].tolist())) == 16
+
+
+def test_short_text_gives_what_it_has():
+    x, y = windows(torch.arange(50), 2048, 128)
+    assert x.shape[1] == 49 and torch.equal(y, x + 1)
+
+
+@pytest.fixture()
+def gpt_session(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(CONFIG).eval()
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"architecture": "spectra-demo-gpt", "config": json.dumps(CONFIG.to_dict())})
+    ckpt = load_checkpoint(path)
+    return Workspace(ckpt), runnable_model(ckpt)
+
+
+def test_sampled_batch_is_seeded_and_says_so(gpt_session):
+    _, runnable = gpt_session
+    a = make_eval_batch(runnable, positions=256)
+    b = sample_batch(runnable, positions=256, seed=0)
+    c = sample_batch(runnable, positions=256, seed=1)
+    assert a.source == "sampled" and a.targets is None
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+    assert a.positions >= 256 and a.input_ids.shape[1] == 32
+    assert Evaluator(runnable, a).perplexity_before is None
+
+
+def test_text_needs_a_tokenizer(gpt_session):
+    _, runnable = gpt_session
+    with pytest.raises(EvaluationError, match="tokenizer"):
+        make_eval_batch(runnable, "some text")
+
+
+def test_user_text_is_tokenized_into_labelled_windows(gpt_session):
+    _, runnable = gpt_session
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}
+    runnable.tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    batch = make_eval_batch(runnable, "the quick brown fox jumps over the lazy dog " * 20, positions=100)
+    assert batch.source == "text" and batch.targets is not None
+    assert batch.to_dict() == {"source": "text", "sequences": 4, "tokens": 4 * 32}
+    assert Evaluator(runnable, batch).perplexity_before > 1.0
+
+
+# ----------------------------------------------------------------------------------------- stages and sessions
+
+def test_cut_in_a_late_block_reruns_from_cached_activations_with_the_same_result(gpt_session):
+    _, runnable = gpt_session
+    batch = token_batch(torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(3)))
+    evaluator = Evaluator(runnable, batch)
+    overrides = {"blocks.1.mlp.c_fc.weight": torch.zeros(128, 32)}
+    outputs, start = evaluator.outputs(overrides)
+    assert start == 2  # embedding, blocks.0 come from the cache
+    full = runnable.forward(batch.input_ids, overrides).reshape(-1, 64)
+    assert torch.allclose(outputs, full, atol=1e-6, rtol=0)
+    assert evaluator.start_stage({"tok_emb.weight": None}) == 0  # tied: the embedding stage reads it first
+
+
+def test_whatif_run_reports_the_design_keys(gpt_session):
+    workspace, runnable = gpt_session
+    whatif = WhatIf(workspace, runnable, positions=256)
+    out = whatif.run("rank", 0.5, scope="mlp").to_dict()
+    for key in ("strategy", "value", "scope", "precision", "agreement", "kl", "perplexity_before",
+                "perplexity_after", "params_before", "params_after", "compression", "eval", "matrices"):
+        assert key in out
+    assert set(out["eval"]) == {"source", "sequences", "tokens"}
+    assert {"name", "rank", "kept_rank", "relative_error"} <= set(out["matrices"][0])
+    assert 0.0 <= out["agreement"] <= 1.0 and out["kl"] > 0.0
+    none = whatif.run("none").to_dict()
+    assert none["agreement"] == 1.0 and none["kl"] == 0.0
+
+
+def test_moving_back_to_a_seen_plan_reuses_its_metrics_but_rebuilds_the_weights(gpt_session):
+    workspace, runnable = gpt_session
+    whatif = WhatIf(workspace, runnable, positions=128)
+    first = whatif.run("rank", 0.5)
+    kept = whatif.pruner.matrix("blocks.0.mlp.c_fc.weight").clone()
+    whatif.run("rank", 0.25)
+    again = whatif.run("rank", 0.5)
+    assert again.metrics is first.metrics
+    assert torch.allclose(whatif.pruner.matrix("blocks.0.mlp.c_fc.weight"), kept, atol=1e-6)
+
+
+def test_sensitivity_scan_matches_cutting_each_matrix_alone(gpt_session):
+    workspace, runnable = gpt_session
+    whatif = WhatIf(workspace, runnable, positions=256)
+    rows = whatif.scan("rank", 0.25)
+    assert [r["unit"] for r in rows] == [i.name for i in workspace.matrices]
+    for row in rows[::3]:
+        others = {i.name: Strategy("none") for i in workspace.matrices if i.name != row["unit"]}
+        alone = whatif.run("rank", 0.25, overrides=others)
+        assert row["kl"] == pytest.approx(alone.metrics.kl, rel=1e-5, abs=1e-12)
+        assert row["agreement"] == alone.metrics.agreement
+    assert rows[0]["layer"] == 0 and rows[-1]["layer"] is None
+    by_role = sensitivity_scan(workspace, whatif.evaluator, "rank", 0.25, by="role")
+    assert {r["unit"] for r in by_role} == {i.role for i in workspace.matrices}
+    assert all(r["kl"] > 0 for r in by_role)
+
+
+def test_scan_reports_zero_for_matrices_the_strategy_leaves_alone(gpt_session):
+    workspace, runnable = gpt_session
+    rows = WhatIf(workspace, runnable, positions=128).scan("energy", 1.0)
+    assert all(r["kl"] == 0.0 and r["agreement"] == 1.0 for r in rows)
+
+
+@pytest.mark.skipif(not DEMO.is_file(), reason="the demo model is not built yet")
+def test_demo_batch_has_at_least_2000_positions_from_its_heldout_text():
+    ckpt = load_checkpoint("demo")
+    runnable = runnable_model(ckpt)
+    batch = make_eval_batch(runnable)
+    assert batch.source == "bundled" and batch.positions >= 2000 and batch.targets is not None
+    m = Evaluator(runnable, batch).evaluate({})
+    assert m.agreement == 1.0 and m.kl == 0.0 and m.perplexity_before == m.perplexity_after
