@@ -4,3 +4,9 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Property tests draw the same examples on every run (and in CI): a failure is reproducible, never a coin toss.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("spectra", derandomize=True, print_blob=True)
+_hypothesis_settings.load_profile("spectra")
