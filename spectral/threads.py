@@ -1,7 +1,9 @@
-"""One deliberate thread setting for the process: torch gets the cores, numpy's BLAS gets one thread.
+"""One deliberate thread setting per process: torch gets the cores, numpy/scipy's BLAS gets one thread.
 
-Two BLAS pools on two cores were seen 10-200x slower than one (DESIGN.md, "Threads"); bench/bench_analyze.py
-measures the choice.
+Two BLAS pools on two cores were seen 10-200x slower than one (DESIGN.md, "Threads"), and with another process on
+one of two cores, two torch threads made element-wise work 5-10x slower than one (bench/bench_whatif.py). So:
+batch work (CLI, benchmarks) takes every core; the dashboard, which shares the machine with its own server and
+often a browser, leaves one core free. `SPECTRA_THREADS=N` overrides both.
 """
 from __future__ import annotations
 
@@ -9,19 +11,35 @@ import os
 
 import torch
 
-_configured = False
+_configured: int | None = None
 
 
-def configure_threads(n_threads: int | None = None) -> int:
-    """Set torch's intra-op pool to the usable cores (once) and its inter-op pool to 1; returns the thread count."""
+def default_threads(interactive: bool = False) -> int:
+    """SPECTRA_THREADS, else the usable cores (minus one for an interactive server, at least one)."""
+    env = int(os.environ.get("SPECTRA_THREADS", "0") or 0)
+    if env > 0:
+        return env
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1) if interactive else cores
+
+
+def configure_threads(n_threads: int | None = None, *, interactive: bool = False) -> int:
+    """Set torch's intra-op pool (inter-op to 1) and cap numpy's BLAS at one thread; the first call decides,
+    later calls without an explicit count keep it. Returns torch's thread count."""
     global _configured
-    if n_threads is None:
-        n_threads = int(os.environ.get("SPECTRA_THREADS", 0)) or len(os.sched_getaffinity(0))
-    if not _configured or torch.get_num_threads() != n_threads:
-        torch.set_num_threads(n_threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:  # already set, or parallel work has started: harmless
-            pass
-        _configured = True
+    if n_threads is None and _configured is not None:
+        return _configured
+    n_threads = n_threads or default_threads(interactive)
+    torch.set_num_threads(n_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work has started: harmless
+        pass
+    try:  # numpy may have been imported before spectral (e.g. by Streamlit), so the env variable came too late
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
+    except ImportError:
+        pass
+    _configured = n_threads
     return n_threads

@@ -1,0 +1,40 @@
+"""Thread settings: SPECTRA_THREADS wins, an interactive server leaves a core free, the first call decides."""
+import subprocess
+import sys
+
+import pytest
+
+
+def threads_in_fresh_process(code: str, env_threads: str | None = None) -> int:
+    env = {"PATH": "/usr/bin:/bin"}
+    if env_threads is not None:
+        env["SPECTRA_THREADS"] = env_threads
+    out = subprocess.run([sys.executable, "-c", "import torch\nfrom spectral.threads import *\n" + code],
+                         capture_output=True, text=True, env=env, check=True, cwd=str(__import__("pathlib").Path(
+                             __file__).resolve().parent.parent))
+    return int(out.stdout.strip())
+
+
+def test_environment_variable_wins():
+    assert threads_in_fresh_process("configure_threads(); print(torch.get_num_threads())", "1") == 1
+
+
+@pytest.mark.parametrize("interactive", [False, True])
+def test_batch_takes_all_cores_and_interactive_leaves_one(interactive):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    expected = max(1, cores - 1) if interactive else cores
+    code = f"configure_threads(interactive={interactive}); print(torch.get_num_threads())"
+    assert threads_in_fresh_process(code) == expected
+
+
+def test_first_call_decides_until_an_explicit_count():
+    code = "configure_threads(1); configure_threads(); print(torch.get_num_threads())"
+    assert threads_in_fresh_process(code) == 1
+
+
+def test_numpy_blas_is_capped_at_one_thread():
+    code = ("import numpy\nconfigure_threads()\nfrom threadpoolctl import threadpool_info\n"
+            "print(max([p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'] or [1]))")
+    assert threads_in_fresh_process(code) == 1
