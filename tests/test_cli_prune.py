@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPTConfig
 from models.registry import runnable_model
 from spectral.checkpoint import load_checkpoint
 from spectral.cli import main
+from tests.tiny_models import save_tiny_gpt
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = GPTConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, block_size=32)
@@ -23,13 +24,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 
 @pytest.fixture()
 def ckpt_path(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(CONFIG).eval()
-    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    path = tmp_path / "m.safetensors"
-    save_file(tensors, str(path), metadata={"architecture": "spectra-demo-gpt", "config": json.dumps(CONFIG.to_dict()),
-                                            "tied": "tok_emb.weight,lm_head.weight"})
-    return path
+    return save_tiny_gpt(tmp_path / "m.safetensors", config=CONFIG)
 
 
 def write_tokenizer(folder: Path) -> None:

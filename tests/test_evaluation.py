@@ -1,15 +1,13 @@
 """spectral/evaluation.py: the fixed batch, reference outputs, agreement / KL / perplexity, the sensitivity scan."""
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPTConfig
 from models.registry import ParamRef, Runnable, runnable_model
 from spectral.checkpoint import load_checkpoint
 from spectral.evaluation import (
@@ -27,6 +25,7 @@ from spectral.evaluation import (
 )
 from spectral.pruning import Strategy
 from spectral.workspace import Workspace
+from tests.tiny_models import save_tiny_gpt
 
 CONFIG = GPTConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, block_size=32)
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo" / "model.safetensors"
@@ -144,12 +143,7 @@ def test_short_text_gives_what_it_has():
 
 @pytest.fixture()
 def gpt_session(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(CONFIG).eval()
-    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    path = tmp_path / "m.safetensors"
-    save_file(tensors, str(path), metadata={"architecture": "spectra-demo-gpt", "config": json.dumps(CONFIG.to_dict())})
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(save_tiny_gpt(tmp_path / "m.safetensors", config=CONFIG, declare_tied=False))
     return Workspace(ckpt), runnable_model(ckpt)
 
 

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from models.gpt import GPT, GPTConfig
 from models.registry import runnable_model
@@ -28,6 +27,7 @@ from spectral.pruning import (
     save_pruned,
 )
 from spectral.workspace import Workspace
+from tests.tiny_models import save_tiny_gpt
 
 CONFIG = GPTConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, block_size=32)
 FC = "blocks.0.mlp.c_fc.weight"  # 128 × 32
@@ -35,13 +35,7 @@ FC = "blocks.0.mlp.c_fc.weight"  # 128 × 32
 
 @pytest.fixture()
 def saved_gpt(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(CONFIG).eval()
-    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    path = tmp_path / "m.safetensors"
-    save_file(tensors, str(path), metadata={"architecture": "spectra-demo-gpt", "config": json.dumps(CONFIG.to_dict()),
-                                            "tied": "tok_emb.weight,lm_head.weight"})
-    return path
+    return save_tiny_gpt(tmp_path / "m.safetensors", config=CONFIG)
 
 
 @pytest.fixture()
