@@ -107,6 +107,8 @@ class SentenceEmbedder(nn.Module):
     Tokens equal to `pad_token_id` are masked out of attention and of the pooling; pooling is "mean" (the mean of
     the last hidden states over real tokens, sentence-transformers' default) or "cls" (the first token)."""
 
+    GROUP = 16  # rows per forward call
+
     def __init__(self, model: nn.Module, pad_token_id: int, pooling: str = "mean"):
         super().__init__()
         if pooling not in ("mean", "cls"):
@@ -116,12 +118,27 @@ class SentenceEmbedder(nn.Module):
         self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        mask = (input_ids != self.pad_token_id).long()  # (B, T)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, C)
+        """Rows are run in groups of similar length, each cut to its longest row: padding is masked anyway, so this
+        only saves the work a long sentence would impose on short ones."""
+        mask = input_ids != self.pad_token_id  # (B, T)
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        out = None
+        for start in range(0, len(order), self.GROUP):
+            rows = order[start:start + self.GROUP]
+            width = max(int(lengths[rows].max()), 1)
+            pooled = self._embed(input_ids[rows, :width], mask[rows, :width])
+            if out is None:
+                out = pooled.new_empty((input_ids.shape[0], pooled.shape[1]))
+            out[rows] = pooled
+        return out  # (B, C)
+
+    def _embed(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state  # (b, t, C)
         if self.pooling == "cls":
             return hidden[:, 0]
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, C)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (b, C)
 
 
 # --------------------------------------------------------------------------------------------------- entry point
@@ -146,24 +163,20 @@ def build(checkpoint, config: dict, model_type: str) -> Runnable:
     with _quiet(transformers):
         hf_config = _hf_config(transformers, source, model_type, config)
         model, module_of, notes = _load(transformers, checkpoint, hf_config, kind)
+    pad = None
     if kind == "causal_lm":
         module = CausalLMLogits(model)
-        vocab_size = int(hf_config.vocab_size)
     else:
-        pad = _pad_token_id(checkpoint, hf_config)
-        pooling = _pooling(checkpoint)
+        pad, pooling = _pad_token_id(checkpoint, hf_config), _pooling(checkpoint)
         module = SentenceEmbedder(model, pad, pooling)
-        vocab_size = int(hf_config.vocab_size)
         notes.append(f"encoder: sentence embeddings by {pooling} pooling over non-padding tokens (pad id {pad})")
     module.eval().requires_grad_(False)
     canonical = canonical_names(module)
     param_names = {stored: [ParamRef(canonical[f"model.{key}"])] for stored, key in module_of.items()
-                   if f"model.{key}" in canonical}
-    runnable = Runnable(module=module, kind=kind, architecture=f"hf-{model_type}", param_names=param_names,
-                        tokenizer=None, eval_text=None, block_size=_block_size(checkpoint, hf_config, kind),
-                        vocab_size=vocab_size, notes=notes)
-    runnable.pad_token_id = pad if kind == "encoder" else None
-    return runnable
+                   if f"model.{key}" in canonical}  # untransposed: the module keeps the stored layout
+    return Runnable(module=module, kind=kind, architecture=f"hf-{model_type}", param_names=param_names,
+                    tokenizer=None, eval_text=None, block_size=_block_size(checkpoint, hf_config, kind),
+                    vocab_size=int(hf_config.vocab_size), notes=notes, pad_token_id=pad)
 
 
 # ---------------------------------------------------------------------------------------------------- the config
@@ -269,19 +282,24 @@ def _load(transformers, checkpoint, hf_config, kind: str):
     canonical = canonical_names(model)
     loaded = {canonical[key] for key in module_of.values()}
     missing = [k for k in expected if k in canonical and canonical[k] not in loaded]
+    if kind == "encoder":  # mean/CLS pooling never reads BERT's pooler: a masked-LM checkpoint has none
+        for key in [k for k in missing if k.startswith("pooler.")]:
+            missing.remove(key)
+            with torch.no_grad():
+                model.get_parameter(key).zero_()  # left uninitialised by no_init_weights: keep it finite
     if missing:
         listed = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
         raise NotRunnable(source, f"tensors do not match the {hf_config.model_type} layout (missing {listed})")
-    state = {}
-    for stored, key in module_of.items():
-        tensor = checkpoint.tensor(stored)
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise NotRunnable(source, f"{stored} has shape {list(tensor.shape)}, the {hf_config.model_type} config "
-                                      f"expects {list(expected[key].shape)}")
-        if not torch.is_floating_point(tensor):
-            raise NotRunnable(source, f"{stored} has dtype {tensor.dtype}, expected floating point")
-        state[key] = tensor.to(torch.float32)
-    model.load_state_dict(state, strict=False)
+    for stored, key in module_of.items():  # shapes and dtypes are known without reading any data
+        if tuple(checkpoint.shapes[stored]) != tuple(expected[key].shape):
+            raise NotRunnable(source, f"{stored} has shape {list(checkpoint.shapes[stored])}, the "
+                                      f"{hf_config.model_type} config expects {list(expected[key].shape)}")
+        if not checkpoint.dtypes[stored].startswith(("float", "bfloat")) and expected[key].is_floating_point():
+            raise NotRunnable(source, f"{stored} has dtype {checkpoint.dtypes[stored]}, expected floating point")
+    with torch.no_grad():  # one tensor at a time, straight into the module's float32 storage
+        for stored, key in module_of.items():
+            target = expected[key]
+            target.copy_(checkpoint.tensor(stored).to(target.dtype))
     model.eval().requires_grad_(False)
     if unused:
         listed = ", ".join(unused[:3]) + (" ..." if len(unused) > 3 else "")

@@ -203,7 +203,7 @@ def _build_gpt(checkpoint, config: dict, to_module_name: Callable[[str], str], a
         inferred["block_size"] = shapes[by_module["pos_emb.weight"]][0]
     if "n_head" not in config:
         raise NotRunnable(source, "the number of attention heads is not recorded (no config/model_args with "
-                          "n_head); give it explicitly",
+                          "n_head); give it (the Overview page asks; Python: config_overrides)",
                           needs=(Need("n_head", "attention heads per block (nanoGPT's GPT-2 small: 12)", "int",
                                       tuple(d for d in range(1, n_embd + 1) if n_embd % d == 0)),))
     values = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}

@@ -13,10 +13,46 @@ def _on_upload() -> None:
         state.open_upload({f.name: f.getvalue() for f in files})
 
 
+def _on_gallery_open() -> None:
+    choice = st.session_state.get("gallery_choice")
+    if choice:
+        state.open_gallery(choice)
+
+
 def _on_server_open() -> None:
     choice = st.session_state.get("server_choice")
     if choice:
         state.open_server_file(choice, options)
+
+
+def _ask_hyperparameters(loaded) -> None:
+    """Where the weights do not fix a hyperparameter (heads, RoPE base, norm epsilon), ask; never guess."""
+    needs = state.hyperparameters_needed(loaded)
+    if not needs:
+        return
+    with st.form("hyperparameters", border=True):
+        st.markdown("**The weights do not fix these; give them to run what-ifs**")
+        values = {}
+        for need in needs:
+            if need.choices:
+                values[need.name] = st.selectbox(need.name, need.choices, index=None, help=need.help,
+                                                 placeholder="choose", key=f"need_{need.name}")
+            elif need.kind == "int":
+                values[need.name] = st.number_input(need.name, min_value=1, value=None, step=1, help=need.help,
+                                                    placeholder=f"e.g. {need.typical}" if need.typical else "",
+                                                    key=f"need_{need.name}")
+            else:
+                values[need.name] = st.number_input(need.name, min_value=0.0, value=None, format="%g",
+                                                    help=need.help, key=f"need_{need.name}",
+                                                    placeholder=f"e.g. {need.typical:g}" if need.typical else "")
+        if st.form_submit_button("Build the model"):
+            blank = [name for name, value in values.items() if value is None]
+            if blank:
+                st.error(f"Give {', '.join(blank)} first.")
+            elif (problem := state.give_hyperparameters(loaded, values)) is not None:
+                st.error(problem)
+            else:
+                st.rerun()
 
 
 st.title("Spectra Explorer")
@@ -43,6 +79,12 @@ with load_col:
         else:
             st.caption(f"The server folder {options.models_dir.name}/ holds no checkpoints.")
     st.button("Open the bundled demo", on_click=state.open_demo, key="open_demo", icon=":material/restart_alt:")
+    examples = state.gallery()
+    if len(examples) > 1:
+        g1, g2 = st.columns([3, 1], vertical_alignment="bottom")
+        g1.selectbox("Or a real model from the gallery", list(examples), key="gallery_choice",
+                     format_func=lambda label: f"{label}: {examples[label][1]}")
+        g2.button("Open", on_click=_on_gallery_open, key="gallery_open", width="stretch")
     if error := st.session_state.get(state.LOAD_ERROR):
         st.error(error, icon=":material/error:")
     if notice := st.session_state.pop(state.NOTICE, None):
@@ -67,6 +109,11 @@ with card_col:
                    icon=":material/check_circle:")
     else:
         st.info(f"Spectra only: {why_not}", icon=":material/info:")
+        _ask_hyperparameters(loaded)
+    if runnable is not None and (given := loaded.peek("hyperparameters")):
+        st.caption("Built with the hyperparameters given here: " + ", ".join(f"{k} = {v:g}" for k, v in given.items()))
+    for note in runnable.notes if runnable is not None else []:
+        st.caption(note)
     details = [f"format **{ck.format}** · files: {', '.join(f.split('/')[-1] for f in ck.files) or ck.source}",
                f"sha256 `{ck.sha256}`"]
     if ck.tied_groups:

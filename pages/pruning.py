@@ -29,9 +29,15 @@ if ev is None:
 settings = state.settings()
 analysis = state.analysis(loaded, settings)
 batch = ev.batch
-st.caption(f"Evaluation: {batch.positions:,} predicted positions in {batch.sequences} sequences "
-           f"({batch.source}{': ' + batch.detail if batch.detail else ''}); metrics compare the cut model with the "
-           "untouched one on this fixed batch.")
+encoder = ev.runnable.kind == "encoder"
+if encoder:
+    st.caption(f"Evaluation: {batch.sequences} sentences ({batch.source}{': ' + batch.detail if batch.detail else ''})."
+               " An encoder predicts no tokens, so KL does not apply: the what-if reports the mean cosine between "
+               "each sentence's original and cut embedding, and nearest-neighbour agreement among these sentences.")
+else:
+    st.caption(f"Evaluation: {batch.positions:,} predicted positions in {batch.sequences} sequences "
+               f"({batch.source}{': ' + batch.detail if batch.detail else ''}); metrics compare the cut model with "
+               "the untouched one on this fixed batch.")
 
 
 def _value_widget(strategy: str):
@@ -80,8 +86,12 @@ def live_panel():
     m = result.metrics
     before = ev.perplexity_before
     cols = st.columns(5)
-    cols[0].metric("Top-1 agreement", f"{100 * m.agreement:.2f}%", help="share of positions where the cut model's "
-                   "most likely next token equals the untouched model's")
+    if encoder:
+        cols[0].metric("Neighbour agreement", f"{100 * m.agreement:.2f}%", help="share of sentences whose nearest "
+                       "neighbour (by embedding cosine) is the same with the cut model as with the untouched one")
+    else:
+        cols[0].metric("Top-1 agreement", f"{100 * m.agreement:.2f}%", help="share of positions where the cut "
+                       "model's most likely next token equals the untouched model's")
     if m.kl is not None:
         cols[1].metric("KL (nats/position)", f"{m.kl:.4f}" if m.kl >= 1e-3 or m.kl == 0 else f"{m.kl:.2e}", help="mean KL(original ‖ cut) per predicted position")
     else:
@@ -107,11 +117,14 @@ def live_panel():
                       for r in result.prune.matrices], hide_index=True,
                      column_config={"relative error": st.column_config.NumberColumn(format="%.4f")})
 
-    points = whatif.standard_points(loaded.sha256, settings, scope, loaded, ev)
-    current = whatif.result_point(choice.label, result)
-    chart(figures.compression_vs_kl(points, current=current, title="Compression against KL",
-                                    context=f"{figures.context_line(analysis)} · scope {scope}"),
-          key="prune_ckl", filename="compression-vs-kl")
+    if encoder:
+        st.caption("The compression-against-KL chart needs a next-token distribution; encoders have none.")
+    else:
+        points = whatif.standard_points(loaded.sha256, settings, scope, loaded, ev)
+        current = whatif.result_point(choice.label, result)
+        chart(figures.compression_vs_kl(points, current=current, title="Compression against KL",
+                                        context=f"{figures.context_line(analysis)} · scope {scope}"),
+              key="prune_ckl", filename="compression-vs-kl")
     downloads = st.container(horizontal=True)
     downloads.download_button("Download the pruned checkpoint", data=lambda: save_pruned(session.pruner),
                        file_name=f"{loaded.label.split('/')[-1].rsplit('.', 1)[0]}-{choice.strategy}.safetensors",

@@ -95,12 +95,14 @@ ev = loaded.peek("evaluator") if prune_choice is not None else None
 prune_result = None
 if ev is not None:
     choice = whatif.Choice(**prune_choice)
-    points = whatif.standard_points(loaded.sha256, settings, choice.scope, loaded, ev)
     session = whatif.session_whatif(loaded, ev, settings)
     prune_result = whatif.run(loaded, session, session.plan(choice.strategy, choice.value, scope=choice.scope,
                                                             precision=choice.precision))
-    report_figures.append(("Compression against KL", "compression-vs-kl", figures.compression_vs_kl(
-        points, current=whatif.result_point(choice.label, prune_result), context=f"{context} · scope {choice.scope}")))
+    if ev.runnable.kind != "encoder":  # an encoder has no KL (it reports embedding cosine)
+        points = whatif.standard_points(loaded.sha256, settings, choice.scope, loaded, ev)
+        report_figures.append(("Compression against KL", "compression-vs-kl", figures.compression_vs_kl(
+            points, current=whatif.result_point(choice.label, prune_result),
+            context=f"{context} · scope {choice.scope}")))
     request = st.session_state.get("sens_request")
     if request:
         req_choice = whatif.Choice(**request["choice"])

@@ -35,6 +35,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # where training scripts nest the weights
 STRIPPED_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DistributedDataParallel
 SIDE_FILES = ("config.json", "tokenizer.json")  # part of a folder's content (and its sha256) when present
+UPLOADED_SIDE_FILES = ("tokenizer.json", "heldout.txt")  # kept in memory with an upload, for the runnable model
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -73,6 +74,8 @@ class Checkpoint:
     tied_groups: list[tuple[str, ...]] = field(default_factory=list)  # each group one matrix; first = canonical
     files: list[str] = field(default_factory=list)  # the files the content came from
     warnings: list[str] = field(default_factory=list)  # things worth telling the user that did not stop loading
+    side_files: dict[str, bytes] = field(default_factory=dict, repr=False)  # uploads only: tokenizer.json,
+    # heldout.txt sent with the weights (a folder's stay on disk beside them)
     _readers: dict[str, Callable[[str], torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def names(self) -> list[str]:
@@ -275,7 +278,10 @@ def _load_fileset(store: _FolderFiles | _MemoryFiles, label: str | None, max_byt
         config = merged.config
     merged.config = config
     digest = _combined_sha256({n: store.sha256(n) for n in content})
-    return _assemble(merged, source=source, fmt="huggingface", sha256=digest, files=[store.path(n) for n in content])
+    ckpt = _assemble(merged, source=source, fmt="huggingface", sha256=digest, files=[store.path(n) for n in content])
+    if isinstance(store, _MemoryFiles):
+        ckpt.side_files = {n: store.read(n) for n in UPLOADED_SIDE_FILES if store.exists(n)}
+    return ckpt
 
 
 def _choose_weights(present: list[str], label: str) -> tuple[str | None, str | None]:

@@ -34,7 +34,7 @@ from spectral.pruning import Plan, Pruner, PruneResult, Strategy, in_scope, make
 
 DEFAULT_POSITIONS = 2048  # predicted positions in the evaluation batch (issue 4: at least 2,000 for the demo)
 DEFAULT_SEQUENCE = 128  # tokens per evaluation sequence when the model allows it
-DEFAULT_SENTENCES = 128  # encoders: evaluation sentences (nearest-neighbour agreement is among these)
+DEFAULT_SENTENCES = 64  # encoders: evaluation sentences (nearest-neighbour agreement is among these)
 CHUNK_ELEMENTS = 1 << 21  # logits processed per metrics chunk (8 MB of float32)
 METRICS_CACHE = 64  # what-if results remembered per session (metrics only: a few numbers each)
 EXPM1_SAFE = 1e6  # largest Σ q (e^d − 1) trusted (e^d overflows past d ≈ 88); beyond it lse_ref − lse is used

@@ -614,7 +614,7 @@ def pruned_metadata(pruner: Pruner, plan: Plan | None = None) -> dict[str, str]:
         from models.registry import gpt_metadata
 
         meta.update(gpt_metadata(pruner.runnable))
-    elif ckpt.config is not None:
+    if ckpt.config is not None:  # e.g. a Hugging Face config.json: the saved file rebuilds the same model
         meta.setdefault("config", json.dumps(ckpt.config))
     if ckpt.tied_groups:
         meta["tied"] = ";".join(",".join(group) for group in ckpt.tied_groups)

