@@ -169,3 +169,19 @@ def test_checkpoint_that_cannot_run_exits_3_and_says_analyze_works(tmp_path, cap
     save_file({"encoder.proj.weight": torch.randn(16, 8)}, str(path))
     code, _, err = prune([path, "--strategy", "none"], capsys)
     assert code == 3 and "cannot be run" in err and "analyze" in err and err.count("\n") == 1
+
+
+def test_missing_hyperparameter_is_named_and_config_supplies_it(tmp_path, capsys):
+    from tests.test_registry import nanogpt_state, tiny_gpt
+
+    bare = tmp_path / "bare.pt"
+    torch.save(nanogpt_state(tiny_gpt()), bare)
+    code, _, err = prune([bare, "--strategy", "none", "--positions", "64"], capsys)
+    assert code == 3 and "--config n_head=" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = prune([bare, "--strategy", "none", "--positions", "64", "--config", "n_head=2"], capsys)
+    assert code == 0 and json.loads(out)["kl"] == 0.0
+
+
+def test_malformed_config_is_a_usage_error(ckpt_path, capsys):
+    code, _, err = prune([ckpt_path, "--strategy", "none", "--config", "n_head"], capsys)
+    assert code == 2 and "KEY=VALUE" in err

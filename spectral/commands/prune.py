@@ -47,6 +47,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of sampled evaluation sequences (default 0)")
     p.add_argument("--override", action="append", default=[], metavar="MATRIX=STRATEGY[:VALUE]",
                    help="give one matrix its own strategy, e.g. tok_emb.weight=none (repeatable)")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a hyperparameter the checkpoint does not record (e.g. n_head=12 for a bare nanoGPT state "
+                        "dict); the error message names the ones needed")
     p.add_argument("--scan", choices=["matrix", "role"],
                    help="also cut one matrix (or role) at a time and report the KL each causes alone")
     p.set_defaults(run=run)
@@ -84,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
     from models.registry import NotRunnable, runnable_model
 
     try:
-        runnable = runnable_model(workspace.checkpoint)
+        runnable = runnable_model(workspace.checkpoint, config_overrides=parse_config(args.config) or None)
     except NotRunnable as e:
-        raise CheckpointError(e.source, f"cannot be run, so no what-if ({e.reason}); `analyze` still works") from None
+        hint = ("; give " + ", ".join(f"--config {n.name}=..." for n in e.needs)) if e.needs else ""
+        raise CheckpointError(e.source, f"cannot be run, so no what-if ({e.reason}){hint}; `analyze` still works") \
+            from None
     try:
         batch = make_eval_batch(runnable, text, positions=args.positions, seed=args.seed)
     except EvaluationError as e:
@@ -132,3 +137,21 @@ def summary_line(out: dict) -> str:
     return (f"{out['strategy']}{value} ({out['scope']}, {out['precision']}): agreement {out['agreement']:.1%}, {kl}"
             f"{ppl}; params {out['params_before']:,} -> {out['params_after']:,}, compression "
             f"{out['compression']:.2f}x; eval {ev['source']} ({ev['sequences']} sequences, {ev['tokens']} tokens)")
+
+
+def parse_config(items: list[str]) -> dict:
+    """--config KEY=VALUE pairs as a dict; values are read as int, then float, else kept as text."""
+    config = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--config {item!r}: expected KEY=VALUE, e.g. n_head=12")
+        for cast in (int, float):
+            try:
+                config[key] = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            config[key] = raw
+    return config
