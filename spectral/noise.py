@@ -176,6 +176,9 @@ def _mp_density_x(x: np.ndarray, q: float, sigma2: float) -> np.ndarray:
     return np.where((x2 >= lower2) & (x2 <= upper2), val, 0.0)
 
 
+SEARCH_LOW, SEARCH_HIGH = 0.2, 5.0  # σ² search interval of the broadening fit, in units of the median start σ₀²
+
+
 class GaussianBroadening(NoiseEstimator):
     """Fit MP to the Gaussian-broadened spectral density (Bruus & d'Auriac 1997 broadening; RMT.md §4).
 
@@ -191,7 +194,8 @@ class GaussianBroadening(NoiseEstimator):
     keeps the estimator continuous in q; on pure noise it was also the less biased one for q < 1 (mean sigma error
     -0.03% / -0.1% / -0.2% at 1000x4000 / 300x1200 / 500x1000 vs +0.14% / +0.28% / +0.6% for lambda space;
     +0.04% at 768x768). ``space="lambda"`` fits rho(lambda) directly, as RMT.md §9 T5 did; use it only for q < 1.
-    Fitted extras: ``sigma2_init_`` (median start), ``bulk_size_`` (eigenvalues in the final fit), ``n_iter_``.
+    Fitted extras: ``sigma2_init_`` (median start), ``bulk_size_`` (eigenvalues in the final fit), ``n_iter_``,
+    ``at_bound_`` (a trimming pass whose optimum hit the search bound was discarded: the MP fit is poor there).
     """
 
     _param_names = ("a", "grid", "trim", "space")
@@ -217,6 +221,7 @@ class GaussianBroadening(NoiseEstimator):
             sigma2_0 = float(np.mean(lam))
         self.sigma2_init_ = sigma2_0
         self.n_iter_ = 0
+        self.at_bound_ = False
         if sigma2_0 <= 0.0:
             self.bulk_size_ = 0
             return 0.0
@@ -238,7 +243,13 @@ class GaussianBroadening(NoiseEstimator):
                 break
             if previous is not None and bulk.size == previous.size and np.array_equal(bulk, previous):
                 break  # same bulk as the last pass: the fit would be identical
-            fitted = self._fit_bulk(bulk, q, small)
+            candidate = self._fit_bulk(bulk, q, small)
+            if not SEARCH_LOW * (1 + 1e-6) < candidate < SEARCH_HIGH * (1 - 1e-6):
+                # the least-squares optimum sits on the search bound: no MP bulk fits this trimmed spectrum (seen on
+                # trained matrices whose trimmed bulk is a small part of M); keep the last interior fit
+                self.at_bound_ = True
+                break
+            fitted = candidate
             previous = bulk
             self.n_iter_ += 1
         self.bulk_size_ = 0 if previous is None else previous.size
@@ -266,7 +277,7 @@ class GaussianBroadening(NoiseEstimator):
             return float(diff @ diff)
 
         # coarse scan on [0.2, 5] (log scale) to land in the right basin, then bounded Brent around the best cell
-        lo, hi = math.log(0.2), math.log(5.0)
+        lo, hi = math.log(SEARCH_LOW), math.log(SEARCH_HIGH)
         scan = np.linspace(lo, hi, 33)
         values = np.array([residual(v) for v in scan])
         best = int(np.argmin(values))

@@ -318,3 +318,21 @@ def test_every_estimator_and_the_gd_threshold_are_transpose_invariant(shape, the
         assert factory().fit(s_transposed, W.T.shape).sigma_ == pytest.approx(sigma, rel=1e-6), name
     assert gavish_donoho_threshold(s_transposed, W.T.shape) == pytest.approx(gavish_donoho_threshold(s, W.shape))
     assert gavish_donoho_rank(s_transposed, W.T.shape) == gavish_donoho_rank(s, W.shape)
+
+
+def test_broadening_discards_a_trimming_pass_whose_fit_sits_on_the_search_bound():
+    # the demo's blocks.0.mlp.c_fc is a trained 512×128 matrix whose second trimmed bulk no MP law fits:
+    # the least-squares optimum runs into σ² = 5σ₀²; that pass must not become the estimate
+    from spectral.noise import SEARCH_HIGH
+    from spectral.workspace import Workspace
+
+    s = Workspace.open("demo").spectra()["blocks.0.mlp.c_fc.weight"].singular_values
+    fit = GaussianBroadening().fit(s, (512, 128))
+    assert fit.at_bound_
+    assert fit.sigma2_ / fit.sigma2_init_ < SEARCH_HIGH * (1 - 1e-6)
+    assert not GaussianBroadening().fit(*_pure_noise_for_bound_check()).at_bound_
+
+
+def _pure_noise_for_bound_check():
+    W = np.random.default_rng(0).standard_normal((400, 1200))
+    return np.linalg.svd(W, compute_uv=False), W.shape
