@@ -117,14 +117,12 @@ def live_panel():
                       for r in result.prune.matrices], hide_index=True,
                      column_config={"relative error": st.column_config.NumberColumn(format="%.4f")})
 
-    if encoder:
-        st.caption("The compression-against-KL chart needs a next-token distribution; encoders have none.")
-    else:
-        points = whatif.standard_points(loaded.sha256, settings, scope, loaded, ev)
-        current = whatif.result_point(choice.label, result)
-        chart(figures.compression_vs_kl(points, current=current, title="Compression against KL",
-                                        context=f"{figures.context_line(analysis)} · scope {scope}"),
-              key="prune_ckl", filename="compression-vs-kl")
+    points = whatif.standard_points(loaded.sha256, settings, scope, loaded, ev)
+    current = whatif.result_point(choice.label, result)
+    chart(figures.compression_vs_kl(points, current=current, damage="cosine" if encoder else "kl",
+                                    title="Compression against " + ("embedding damage" if encoder else "KL"),
+                                    context=f"{figures.context_line(analysis)} · scope {scope}"),
+          key="prune_ckl", filename="compression-vs-kl")
     downloads = st.container(horizontal=True)
     downloads.download_button("Download the pruned checkpoint", data=lambda: save_pruned(session.pruner),
                        file_name=f"{loaded.label.split('/')[-1].rsplit('.', 1)[0]}-{choice.strategy}.safetensors",

