@@ -277,7 +277,10 @@ def _load_fileset(store: _FolderFiles | _MemoryFiles, label: str | None, max_byt
     elif merged.config is not None:
         config = merged.config
     merged.config = config
-    digest = _combined_sha256({n: store.sha256(n) for n in content})
+    # the upload's held-out text changes what the loaded model is evaluated on, so it is part of its identity
+    hashed = sorted(set(content) | ({n for n in UPLOADED_SIDE_FILES if store.exists(n)}
+                                     if isinstance(store, _MemoryFiles) else set()))
+    digest = _combined_sha256({n: store.sha256(n) for n in hashed})
     ckpt = _assemble(merged, source=source, fmt="huggingface", sha256=digest, files=[store.path(n) for n in content])
     if isinstance(store, _MemoryFiles):
         ckpt.side_files = {n: store.read(n) for n in UPLOADED_SIDE_FILES if store.exists(n)}

@@ -56,6 +56,7 @@ class EvalBatch:
     targets: torch.Tensor | None
     source: str  # "bundled" (text shipped with the model), "text" (user's), "sampled" (from the model), "tokens"
     detail: str = ""
+    real_tokens: int | None = None  # encoders: tokens that are not padding (None: every position is real)
 
     @property
     def sequences(self) -> int:
@@ -63,7 +64,7 @@ class EvalBatch:
 
     @property
     def positions(self) -> int:
-        return int(self.input_ids.numel())
+        return int(self.input_ids.numel()) if self.real_tokens is None else self.real_tokens
 
     def to_dict(self) -> dict:
         """DESIGN.md `eval`: source, sequences, tokens (predicted positions)."""
@@ -163,7 +164,7 @@ def sentence_batch(runnable, text: str, *, source: str, detail: str = "", senten
     if runnable.vocab_size is not None and int(ids.max()) >= runnable.vocab_size:
         raise EvaluationError("the tokenizer produces ids beyond the model's vocabulary")
     detail = detail or f"{len(rows)} sentences"
-    return EvalBatch(ids, None, source, detail)
+    return EvalBatch(ids, None, source, detail, real_tokens=sum(len(r) for r in rows))
 
 
 def random_sentence_batch(runnable, *, sentences: int = DEFAULT_SENTENCES, length: int = 32,

@@ -364,6 +364,15 @@ def test_hf_sha256_is_the_same_for_folder_and_upload(tmp_path):
     assert load_checkpoint_files(upload).sha256 == load_checkpoint(tmp_path).sha256
 
 
+def test_uploads_that_differ_only_in_their_heldout_text_are_different_checkpoints(tmp_path):
+    write_sharded(tmp_path, llama_state(), "safetensors")
+    upload = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    a = load_checkpoint_files({**upload, "heldout.txt": b"one text"})
+    b = load_checkpoint_files({**upload, "heldout.txt": b"another text"})
+    assert a.sha256 != b.sha256
+    assert a.side_files["heldout.txt"] == b"one text"
+
+
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
 def test_hf_multi_file_upload_reads_every_shard(tmp_path, kind):
     write_sharded(tmp_path, llama_state(), kind)

@@ -221,3 +221,15 @@ def test_gallery_opens_the_real_minilm_as_a_runnable_encoder():
     assert any("KL does not apply" in c.value for c in at.caption)
     at.switch_page("pages/report.py").run()
     assert not at.exception, [e.value for e in at.exception]
+
+
+@pytest.mark.slow
+def test_encoder_batch_counts_real_tokens_not_padding(minilm):
+    from spectral.evaluation import make_eval_batch
+
+    _, _, runnable = minilm
+    batch = make_eval_batch(runnable)
+    pad = runnable.pad_token_id
+    assert batch.sequences > 2
+    assert batch.positions == int((batch.input_ids != pad).sum()) < batch.input_ids.numel()
+
