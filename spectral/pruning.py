@@ -411,15 +411,14 @@ class Pruner:
     def cut_tensors(self) -> dict[str, torch.Tensor]:
         """Every checkpoint tensor name whose values the plan changes -> its new values in the stored layout and
         shape (float32), tied names included. What `--save` writes over the original tensors."""
-        out = {}
+        return {name: stored for info, stored in self._active_stored() for name in (info.name, *info.tied_with)}
+
+    def _active_stored(self):
+        """(matrix, its cut values in the stored layout) for every matrix the current plan changes."""
         for info in self.workspace.matrices:
             state = self._working.get(info.name)
-            if state is None or not state.active:
-                continue
-            stored = _to_stored(state.buffer, info)
-            for name in (info.name, *info.tied_with):
-                out[name] = stored
-        return out
+            if state is not None and state.active:
+                yield info, _to_stored(state.buffer, info)
 
     # -------------------------------------------------------------------------------------------------- rebuild
 
@@ -493,15 +492,8 @@ class Pruner:
     def _module_overrides(self) -> dict[str, torch.Tensor]:
         if self.runnable is None:
             return {}
-        out = {}
-        for info in self.workspace.matrices:
-            state = self._working.get(info.name)
-            if state is None or not state.active:
-                continue
-            stored = _to_stored(state.buffer, info)
-            for ref in self.runnable.params_for([info.name, *info.tied_with]):
-                out[ref.name] = stored.T if ref.transposed else stored
-        return out
+        return {ref.name: stored.T if ref.transposed else stored for info, stored in self._active_stored()
+                for ref in self.runnable.params_for([info.name, *info.tied_with])}
 
     # --------------------------------------------------------------------------------------------------- report
 
