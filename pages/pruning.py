@@ -40,6 +40,32 @@ else:
                "the untouched one on this fixed batch.")
 
 
+
+def _use_text() -> None:
+    upload = st.session_state.get("eval_text_file")
+    text = upload.getvalue().decode("utf-8", errors="replace") if upload is not None else ""
+    text = text or st.session_state.get("eval_text_area", "")
+    if text.strip():
+        st.session_state[whatif.EVAL_TEXT] = text
+    else:
+        st.session_state.pop(whatif.EVAL_TEXT, None)
+
+
+def _default_text() -> None:
+    st.session_state.pop(whatif.EVAL_TEXT, None)
+
+
+with st.expander("Evaluate on your own text", expanded=False):
+    st.caption("Paste text or upload a .txt file; the model's tokenizer reads it and the metrics compare the cut "
+               "and untouched models on it (2,048 predicted positions, or sentences for an encoder).")
+    st.text_area("Evaluation text", key="eval_text_area", height=120, label_visibility="collapsed")
+    st.file_uploader("or a text file", type=["txt", "md", "py", "rst"], key="eval_text_file")
+    use, back = st.columns(2)
+    use.button("Use this text", on_click=_use_text, key="eval_text_use", icon=":material/check:", width="stretch")
+    back.button("Back to the default batch", on_click=_default_text, key="eval_text_default",
+                disabled=whatif.EVAL_TEXT not in st.session_state, width="stretch")
+
+
 def _value_widget(strategy: str):
     """The threshold control of a strategy (None for strategies without a value)."""
     if strategy == "mp":
@@ -117,7 +143,7 @@ def live_panel():
                       for r in result.prune.matrices], hide_index=True,
                      column_config={"relative error": st.column_config.NumberColumn(format="%.4f")})
 
-    points = whatif.standard_points(loaded.sha256, settings, scope, loaded, ev)
+    points = whatif.standard_points(loaded.sha256, settings, scope, loaded, ev, whatif.eval_key())
     current = whatif.result_point(choice.label, result)
     chart(figures.compression_vs_kl(points, current=current, damage="cosine" if encoder else "kl",
                                     title="Compression against " + ("embedding damage" if encoder else "KL"),
@@ -147,7 +173,8 @@ if c2.button("Run the scan with the current strategy", key="sens_run", icon=":ma
 request = st.session_state.get("sens_request")
 if request:
     req_choice = whatif.Choice(**request["choice"])
-    rows = whatif.sensitivity(loaded.sha256, settings, req_choice, request["by"], loaded, ev)
+    rows = whatif.sensitivity(loaded.sha256, settings, req_choice, request["by"], loaded, ev,
+                              whatif.eval_key())
     fig = figures.sensitivity_from_scan(rows, by=request["by"], title=f"Sensitivity: KL when one {request['by']} "
                                         f"alone is cut ({req_choice.label})", context=figures.context_line(analysis))
     chart(fig, key="sens_heatmap", filename="sensitivity")

@@ -91,7 +91,7 @@ report_figures = [
 
 # pruning figures, when the Pruning page has been used in this session (its evaluator exists) and the model can run
 prune_choice = st.session_state.get("prune_choice")
-ev = loaded.peek("evaluator") if prune_choice is not None else None
+ev = loaded.peek(whatif.evaluator_key(whatif.eval_key())) if prune_choice is not None else None
 prune_result = None
 if ev is not None:
     choice = whatif.Choice(**prune_choice)
@@ -99,7 +99,7 @@ if ev is not None:
     prune_result = whatif.run(loaded, session, session.plan(choice.strategy, choice.value, scope=choice.scope,
                                                             precision=choice.precision))
     encoder = ev.runnable.kind == "encoder"  # an encoder has no KL: it reports the cosine of its embeddings
-    points = whatif.standard_points(loaded.sha256, settings, choice.scope, loaded, ev)
+    points = whatif.standard_points(loaded.sha256, settings, choice.scope, loaded, ev, whatif.eval_key())
     title = "Compression against " + ("embedding damage" if encoder else "KL")
     report_figures.append((title, "compression-vs-kl", figures.compression_vs_kl(
         points, current=whatif.result_point(choice.label, prune_result), title=title,
@@ -107,7 +107,8 @@ if ev is not None:
     request = st.session_state.get("sens_request")
     if request:
         req_choice = whatif.Choice(**request["choice"])
-        rows = whatif.sensitivity(loaded.sha256, settings, req_choice, request["by"], loaded, ev)
+        rows = whatif.sensitivity(loaded.sha256, settings, req_choice, request["by"], loaded, ev,
+                              whatif.eval_key())
         report_figures.append(("Sensitivity", "sensitivity", figures.sensitivity_from_scan(
             rows, by=request["by"], title=f"Sensitivity: KL when one {request['by']} alone is cut "
                                           f"({req_choice.label})", context=context)))

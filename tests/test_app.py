@@ -316,3 +316,32 @@ def test_pruning_and_report_pages_run_on_the_real_minilm_encoder(page):
     assert not at.error, [e.value for e in at.error]
     if page == "pages/pruning.py":
         assert any(m.label == "Cosine" for m in at.metric), [m.label for m in at.metric]
+
+
+# ------------------------------------------------------------------------------------------------ user text
+@needs_demo
+def test_pruning_evaluates_on_pasted_text_and_goes_back_to_the_default():
+    at = new_app().run()
+    at.switch_page("pages/pruning.py").run()
+    assert "(bundled" in " ".join(c.value for c in at.caption)
+    import pydoc_data.topics as topics
+
+    at.text_area(key="eval_text_area").set_value(topics.topics["assert"] * 3)
+    at.button(key="eval_text_use").click().run()
+    assert_clean(at)
+    captions = " ".join(c.value for c in at.caption)
+    assert "(text" in captions and "(bundled" not in captions
+    assert any(m.label == "KL (nats/position)" for m in at.metric)
+    at.button(key="eval_text_default").click().run()
+    assert "(bundled" in " ".join(c.value for c in at.caption)
+
+
+@needs_demo
+def test_unusable_evaluation_text_is_refused_in_place_and_the_default_is_kept():
+    at = new_app().run()
+    at.switch_page("pages/pruning.py").run()
+    at.text_area(key="eval_text_area").set_value("x")
+    at.button(key="eval_text_use").click().run()
+    assert_clean(at)
+    assert any("evaluation text was not used" in e.value for e in at.error), [e.value for e in at.error]
+    assert "(bundled" in " ".join(c.value for c in at.caption)

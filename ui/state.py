@@ -112,9 +112,9 @@ class Loaded:
 
     def replace_shared(self, values: dict, drop: tuple[str, ...] = ()) -> None:
         """Swap shared objects (e.g. a runnable rebuilt with the hyperparameters the user gave) and forget the ones
-        built from the old ones."""
+        built from the old ones: each key in `drop` and its variants "key:..." (e.g. per-text evaluators)."""
         with self._lock:
-            for key in drop:
+            for key in [k for k in self._shared if any(k == d or k.startswith(d + ":") for d in drop)]:
                 self._shared.pop(key, None)
             self._shared.update(values)
 

@@ -6,13 +6,14 @@ session (the `WhatIf` holding the one working copy of the cut matrices), and cac
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
 import streamlit as st
 
 from spectral.analysis import Settings
-from spectral.evaluation import Evaluator, WhatIf, make_eval_batch
+from spectral.evaluation import EvaluationError, Evaluator, WhatIf, make_eval_batch
 from ui import state, tables
 
 # strategy -> (label, slider kind, help); the values a slider offers are choices, not numerics
@@ -69,18 +70,39 @@ class Choice:
         return text
 
 
+EVAL_TEXT = "eval_text"  # session state: the user's own evaluation text (a choice, like the sliders), or absent
+
+
+def eval_key() -> str:
+    """Names this session's evaluation batch: "" for the model's default (bundled text or samples), else the
+    digest of the user's text. Shared evaluators and cached results are keyed by it."""
+    text = st.session_state.get(EVAL_TEXT)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16] if text else ""
+
+
+def evaluator_key(key: str) -> str:
+    return "evaluator" if not key else f"evaluator:{key}"
+
+
 def evaluator(loaded: state.Loaded):
-    """The untouched model's reference outputs on the fixed evaluation batch: built once per checkpoint, shared."""
+    """The untouched model's reference outputs on the fixed evaluation batch: built once per checkpoint and text,
+    shared by every session that evaluates on the same text."""
     runnable, why_not = tables.runnable_or_reason(loaded)
     if runnable is None:
         return None, why_not
+    text = st.session_state.get(EVAL_TEXT) or None
 
     def build():
         with loaded.forward_lock:
-            return Evaluator(runnable, make_eval_batch(runnable, None))
+            return Evaluator(runnable, make_eval_batch(runnable, text))
 
-    with st.spinner("Running the untouched model once on the evaluation batch…"):
-        return loaded.shared("evaluator", build), None
+    try:
+        with st.spinner("Running the untouched model once on the evaluation batch…"):
+            return loaded.shared(evaluator_key(eval_key()), build), None
+    except EvaluationError as exc:  # the user's text cannot make a batch: say why, go back to the default
+        st.session_state.pop(EVAL_TEXT, None)
+        st.error(f"Your evaluation text was not used: {exc}. Evaluating on the model's default batch instead.")
+        return evaluator(loaded)
 
 
 def run(loaded: state.Loaded, session: WhatIf, plan, plan_seconds: float = 0.0):
@@ -91,7 +113,7 @@ def run(loaded: state.Loaded, session: WhatIf, plan, plan_seconds: float = 0.0):
 
 def session_whatif(loaded: state.Loaded, ev: Evaluator, settings: Settings) -> WhatIf:
     """This session's what-if (its own working copy of the cut matrices), kept in a bounded per-session registry."""
-    key = (state.session_id(), loaded.sha256, "whatif")
+    key = (state.session_id(), loaded.sha256, "whatif", eval_key())
     whatif = state.session_objects().get_or_create(
         key, lambda: WhatIf(loaded.workspace, ev.runnable, evaluator=ev, settings=settings))
     whatif.settings = settings  # mp/optimal plans read the analysis at the sidebar's settings
@@ -123,9 +145,10 @@ def result_point(label: str, result, group: str | None = None, short: str | None
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def standard_points(sha256: str, settings: Settings, scope: str, _loaded: state.Loaded, _ev: Evaluator) -> list[dict]:
+def standard_points(sha256: str, settings: Settings, scope: str, _loaded: state.Loaded, _ev: Evaluator,
+                    eval_key: str = "") -> list[dict]:
     """Compression and KL of the standard strategies in this scope (a private what-if, so the session's working copy
-    is untouched). Cached per (checkpoint, settings, scope)."""
+    is untouched). Cached per (checkpoint, settings, scope, evaluation text)."""
     whatif = WhatIf(_loaded.workspace, _ev.runnable, evaluator=_ev, settings=settings)
     points = []
     bar = st.progress(0.0, text="Reference strategies…")
@@ -140,7 +163,7 @@ def standard_points(sha256: str, settings: Settings, scope: str, _loaded: state.
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def sensitivity(sha256: str, settings: Settings, choice: Choice, by: str, _loaded: state.Loaded,
-                _ev: Evaluator) -> list[dict]:
+                _ev: Evaluator, eval_key: str = "") -> list[dict]:
     """The engine's sensitivity scan (one matrix or one role cut at a time), cached per checkpoint and choice."""
     whatif = WhatIf(_loaded.workspace, _ev.runnable, evaluator=_ev, settings=settings)
     bar = st.progress(0.0, text="Sensitivity scan…")
