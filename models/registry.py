@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -123,7 +125,7 @@ class Runnable:
             for stage in self.stages:
                 x = stage.run(overrides, x)
             return x
-        return functional_call(self.module, dict(overrides), (input_ids,), tie_weights=True, strict=False)
+        return locked_functional_call(self.module, overrides, (input_ids,), tie_weights=True)
 
 
 # ------------------------------------------------------------------------------------------------------ entry point
@@ -265,6 +267,27 @@ def canonical_names(module: nn.Module) -> dict[str, str]:
     return out
 
 
+_SWAP_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_SWAP_LOCKS_GUARD = threading.Lock()
+
+
+def swap_lock(module: nn.Module) -> threading.RLock:
+    """The lock every functional call on `module` holds. `functional_call` swaps the given tensors into the module
+    for the duration of the call, so two threads (two browser sessions sharing one cached model) must take turns."""
+    with _SWAP_LOCKS_GUARD:
+        lock = _SWAP_LOCKS.get(module)
+        if lock is None:
+            lock = _SWAP_LOCKS[module] = threading.RLock()
+        return lock
+
+
+def locked_functional_call(module: nn.Module, params: Mapping[str, torch.Tensor], args: tuple, *,
+                           tie_weights: bool) -> torch.Tensor:
+    """`torch.func.functional_call` under the module's swap lock (never changes the module once it returns)."""
+    with swap_lock(module):
+        return functional_call(module, dict(params), args, tie_weights=tie_weights, strict=False)
+
+
 def _submodule_call(model: nn.Module, path: str, canonical: dict[str, str]):
     """(call, params): call(overrides, *args) runs submodule `path` with its overridden parameters swapped in."""
     sub = model.get_submodule(path)
@@ -273,8 +296,9 @@ def _submodule_call(model: nn.Module, path: str, canonical: dict[str, str]):
     def call(overrides: Overrides, *args):
         swapped = {local: overrides[c] for local, c in local_to_canonical.items() if c in overrides}
         if not swapped:
-            return sub(*args)
-        return functional_call(sub, swapped, args, tie_weights=False, strict=False)
+            with swap_lock(sub):  # another thread may have its tensors swapped into `sub` right now
+                return sub(*args)
+        return locked_functional_call(sub, swapped, args, tie_weights=False)
 
     return call, frozenset(local_to_canonical.values())
 

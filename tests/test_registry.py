@@ -183,3 +183,21 @@ def test_tokenizer_larger_than_the_vocabulary_is_ignored_with_a_note(tmp_path):
     runnable = runnable_model(load_checkpoint(tmp_path / "m.safetensors"))
     assert runnable.tokenizer is None
     assert any("tokenizer" in note for note in runnable.notes)
+
+
+def test_concurrent_forwards_with_different_overrides_do_not_see_each_other(tmp_path):
+    # two browser sessions share one cached model; functional_call swaps tensors in for the call's duration
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "m.safetensors"
+    save_demo_layout(tiny_gpt(), path)
+    runnable = runnable_model(load_checkpoint(path))
+    name = runnable.params_for(["blocks.0.mlp.c_fc.weight"])[0].name
+    x = ids()
+    variants = [{}, {name: torch.zeros_like(runnable.parameter(name))},
+                {name: 3.0 * runnable.parameter(name)}]
+    expected = [runnable.forward(x, v) for v in variants]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        got = list(pool.map(lambda i: (i % 3, runnable.forward(x, variants[i % 3])), range(150)))
+    for i, out in got:
+        assert torch.equal(out, expected[i])

@@ -403,10 +403,10 @@ class ResearchContext:
                 overrides = {canonical.name: chosen[0]} if chosen else {}
                 x = stage.run(overrides, x)
             return x
-        from torch.func import functional_call
+        from models.registry import locked_functional_call
 
         params = {u.alias: per_use[p] for p, u in uses.items() if p in per_use}
-        out = functional_call(runnable.module, params, (ids,), tie_weights=False, strict=False)
+        out = locked_functional_call(runnable.module, params, (ids,), tie_weights=False)
         return getattr(out, "logits", out)
 
 
