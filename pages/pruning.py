@@ -15,10 +15,7 @@ from ui.sidebar import human_count
 from ui.tables import chart
 
 st.title("Pruning")
-loaded = state.current()
-if loaded is None:
-    st.warning("No checkpoint is loaded; open one on the Overview page.")
-    st.stop()
+loaded = state.require_current()
 
 ev, why_not = whatif.evaluator(loaded)
 if ev is None:

@@ -7,10 +7,7 @@ from ui import state, tables
 from ui.sidebar import human_count
 
 st.title("Ranks")
-loaded = state.current()
-if loaded is None:
-    st.warning("No checkpoint is loaded; open one on the Overview page.")
-    st.stop()
+loaded = state.require_current()
 
 analysis = state.analysis(loaded)
 if not analysis.matrices:

@@ -14,10 +14,7 @@ from ui import state, whatif
 from ui.tables import chart, matrix_rows, rows_to_csv
 
 st.title("Report")
-loaded = state.current()
-if loaded is None:
-    st.warning("No checkpoint is loaded; open one on the Overview page.")
-    st.stop()
+loaded = state.require_current()
 
 settings = state.settings()
 analysis = state.analysis(loaded, settings)

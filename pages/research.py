@@ -21,10 +21,7 @@ from ui import state, whatif
 from ui.tables import chart
 
 st.title("Research")
-loaded = state.current()
-if loaded is None:
-    st.warning("No checkpoint is loaded; open one on the Overview page.")
-    st.stop()
+loaded = state.require_current()
 
 settings = state.settings()
 ev, why_not = whatif.evaluator(loaded)

@@ -5,10 +5,7 @@ from spectral import figures
 from ui import state, tables
 
 st.title("Spectra")
-loaded = state.current()
-if loaded is None:
-    st.warning("No checkpoint is loaded; open one on the Overview page.")
-    st.stop()
+loaded = state.require_current()
 
 analysis = state.analysis(loaded)
 spectra = loaded.workspace.spectra()

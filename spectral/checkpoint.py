@@ -456,13 +456,7 @@ def _parse_safetensors_header(label: str, size: int, read: Callable[[int, int], 
                                      f"{size - 8} after it")
     if n > SAFETENSORS_MAX_HEADER:
         raise CheckpointError(label, f"bogus header: header length {n} is over the {SAFETENSORS_MAX_HEADER} byte limit")
-    raw = read(8, n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(label, f"bogus header: not valid JSON ({_first_line(e)})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(label, f"bogus header: JSON {type(header).__name__}, expected an object")
+    header = _read_json(label, read(8, n), problem="bogus header: ")
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise CheckpointError(label, "bogus header: __metadata__ must map names to strings")
@@ -823,13 +817,14 @@ def _combined_sha256(file_digests: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def _read_json(label: str, raw: bytes) -> dict:
+def _read_json(label: str, raw: bytes, problem: str = "") -> dict:
+    """A JSON object from bytes, or a CheckpointError ("<problem>not valid JSON ..." / "...expected an object")."""
     try:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(label, f"not valid JSON ({_first_line(e)})") from None
+        raise CheckpointError(label, f"{problem}not valid JSON ({_first_line(e)})") from None
     if not isinstance(value, dict):
-        raise CheckpointError(label, f"JSON {type(value).__name__}, expected an object")
+        raise CheckpointError(label, f"{problem}JSON {type(value).__name__}, expected an object")
     return value
 
 

@@ -334,6 +334,15 @@ def current() -> Loaded | None:
 
 
 # --------------------------------------------------------------------------------------------------- settings
+
+def require_current() -> Loaded:
+    """This session's checkpoint for a page that needs one; without one, says where to open it and stops the page."""
+    loaded = current()
+    if loaded is None:
+        st.warning("No checkpoint is loaded; open one on the Overview page.")
+        st.stop()
+    return loaded
+
 def settings() -> Settings:
     """The analysis settings chosen in the sidebar (defaults of RMT.md before any choice)."""
     ss = st.session_state
