@@ -1,7 +1,7 @@
 """Hugging Face families through `transformers` (an optional dependency): GPT-2, Llama-family, BERT-family encoders.
 
 The model is built from the checkpoint's config.json with `from_config` (nothing is ever downloaded) and filled with
-the checkpoint's own tensors, in float32. What the what-if engine needs is a `models.registry.Runnable`:
+the checkpoint's own tensors, in float32. What the what-if engine needs is a `models.contract.Runnable`:
 
 - causal language models (GPT-2, Llama, Mistral, Qwen2): `module(input_ids)` gives logits (B, T, vocab);
 - encoders (BERT, RoBERTa, DistilBERT; sentence embedders such as all-MiniLM-L6-v2): `module(input_ids)` gives one
@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.registry import Need, NotRunnable, ParamRef, Runnable, canonical_names
+from models.contract import Need, NotRunnable, ParamRef, Runnable, canonical_names
+from spectral.matrices import uses_conv1d_layout
 
 CAUSAL_FAMILIES = {"gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 ENCODER_FAMILIES = {"bert": "BERT", "roberta": "RoBERTa", "xlm-roberta": "XLM-RoBERTa", "distilbert": "DistilBERT"}
@@ -58,8 +59,6 @@ def hf_model_type(checkpoint, config: dict) -> str | None:
     for model_type, pattern in _LAYOUTS.items():
         if any(pattern.search(n) for n in names):
             if model_type == "gpt2":
-                from spectral.matrices import uses_conv1d_layout
-
                 if not uses_conv1d_layout(checkpoint):
                     continue  # nanoGPT: same names, nn.Linear layout (models/registry.py builds it)
             if model_type == "llama" and not any(n.endswith("mlp.gate_proj.weight") for n in names):

@@ -1,14 +1,8 @@
 """Which checkpoints can be run, and how: `runnable_model(checkpoint)` returns a `Runnable` or raises `NotRunnable`.
 
-What-ifs need a forward pass; the analysis does not. A `Runnable` is the one thing the what-if engine
-(spectral/pruning.py, spectral/evaluation.py) needs from an architecture:
-
-- `module`: a torch module in eval mode, float32, never modified after construction;
-- `param_names`: for every checkpoint tensor that feeds the module, the module parameters it becomes (tied names
-  map to the same parameter), so a cut matrix can be swapped in without touching `module`;
-- `stages`: the forward pass cut into consecutive pieces (embedding, each block, head), each naming the parameters
-  it reads, so that a cut in block 3 re-runs blocks 3..n only, from cached activations of the untouched model;
-- `tokenizer`, `eval_text`, `block_size`: what evaluation needs to build its batch.
+What-ifs need a forward pass; the analysis does not. The contract (`Runnable`, `NotRunnable`, `Need`, `ParamRef`,
+`Stage`, the swap lock) is in models/contract.py; this module decides which builder applies and builds the demo's
+GPT and nanoGPT itself.
 
 Dispatch, in this order (docs/supported.md lists what runs and what is "spectra only"):
 1. the demo architecture (models/gpt.py, metadata or config "architecture": "spectra-demo-gpt");
@@ -25,107 +19,30 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.func import functional_call
+from tokenizers import Tokenizer
 
+from models import hf
+from models.contract import (
+    Need,
+    NotRunnable,
+    Overrides,
+    ParamRef,
+    Runnable,
+    Stage,
+    canonical_names,
+    submodule_call,
+)
 from models.gpt import GPT, GPTConfig
 
 DEMO_ARCHITECTURE = "spectra-demo-gpt"
 NANOGPT_ARCHITECTURE = "nanogpt"
 EVAL_TEXT_FILE = "heldout.txt"  # held-out text shipped beside the weights (the demo's convention)
 TOKENIZER_FILE = "tokenizer.json"
-
-Overrides = Mapping[str, torch.Tensor]  # canonical module parameter name -> replacement tensor
-
-
-@dataclass(frozen=True)
-class Need:
-    """A hyperparameter the weights do not fix, which the user can give (`config_overrides={name: value}`)."""
-
-    name: str  # the config key, e.g. "n_head", "num_attention_heads", "rope_theta"
-    help: str  # what it is, with the usual values of well-known models
-    kind: str = "int"  # "int" | "float"
-    choices: tuple = ()  # the only values the shapes allow (e.g. the divisors of the width for a head count)
-    typical: float | int | None = None  # a value to show as a placeholder; never used unless the user picks it
-
-
-class NotRunnable(Exception):
-    """The checkpoint can be analysed but not run; `str(error)` is one line: "<source>: <reason>".
-
-    `needs` lists hyperparameters that would make it runnable if the user gave them (empty when none would)."""
-
-    def __init__(self, source: str, reason: str, needs: tuple[Need, ...] = ()):
-        self.source = str(source)
-        self.reason = " ".join(str(reason).split())
-        self.needs = tuple(needs)
-        super().__init__(f"{self.source}: {self.reason}")
-
-
-@dataclass(frozen=True)
-class ParamRef:
-    """One module parameter fed by a checkpoint tensor."""
-
-    name: str  # canonical parameter name in `Runnable.module` (as `named_parameters()` lists it)
-    transposed: bool = False  # the parameter is the stored tensor transposed (2-D only)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A consecutive piece of the forward pass: `run(overrides, x)` maps the previous stage's output to the next."""
-
-    name: str
-    params: frozenset[str]  # canonical parameter names this stage reads
-    run: Callable[[Overrides, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Runnable:
-    """A runnable model built from a checkpoint (see the module docstring)."""
-
-    module: nn.Module
-    kind: str  # "causal_lm" (logits over a vocabulary) | "encoder" (sentence embeddings)
-    architecture: str
-    param_names: dict[str, list[ParamRef]]  # checkpoint tensor name -> module parameters it feeds
-    tokenizer: object | None  # tokenizers.Tokenizer
-    eval_text: str | None  # held-out text shipped with the model, if any
-    block_size: int  # longest input in tokens
-    vocab_size: int | None = None
-    stages: list[Stage] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # things worth telling the user (ignored side files)
-    pad_token_id: int | None = None  # encoders: the id that pads sentences to one length (masked out)
-    _by_name: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
-
-    def params_for(self, tensor_names) -> list[ParamRef]:
-        """Module parameters fed by any of these checkpoint tensors (a matrix and its tied names), de-duplicated."""
-        seen: dict[str, ParamRef] = {}
-        for name in tensor_names:
-            for ref in self.param_names.get(name, []):
-                seen.setdefault(ref.name, ref)
-        return list(seen.values())
-
-    def parameter(self, name: str) -> torch.Tensor:
-        """The untouched module parameter `name` (canonical); read-only by convention."""
-        if self._by_name is None:
-            self._by_name = dict(self.module.named_parameters())
-        return self._by_name[name]
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, overrides: Overrides | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) with some parameters replaced; `module` itself is never changed."""
-        overrides = overrides or {}
-        if self.stages:
-            x = input_ids
-            for stage in self.stages:
-                x = stage.run(overrides, x)
-            return x
-        return locked_functional_call(self.module, overrides, (input_ids,), tie_weights=True)
 
 
 # ------------------------------------------------------------------------------------------------------ entry point
@@ -142,8 +59,6 @@ def runnable_model(checkpoint, *, tokenizer=None, eval_text: str | None = None,
     config.update(config_overrides or {})
     metadata = checkpoint.metadata or {}
     architecture = metadata.get("architecture") or config.get("architecture")
-
-    from models import hf
 
     if architecture == DEMO_ARCHITECTURE or (architecture is None and "tok_emb.weight" in names
                                              and any(n.startswith("blocks.") for n in names)):
@@ -258,55 +173,10 @@ def _build_gpt(checkpoint, config: dict, to_module_name: Callable[[str], str], a
                     vocab_size=gpt_config.vocab_size, stages=_gpt_stages(model, canonical))
 
 
-def canonical_names(module: nn.Module) -> dict[str, str]:
-    """Every parameter name, aliases included (`lm_head.weight`), -> the name `named_parameters()` lists."""
-    first: dict[int, str] = {}
-    out = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        out[name] = first.setdefault(id(p), name)
-    return out
-
-
-_SWAP_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_SWAP_LOCKS_GUARD = threading.Lock()
-
-
-def swap_lock(module: nn.Module) -> threading.RLock:
-    """The lock every functional call on `module` holds. `functional_call` swaps the given tensors into the module
-    for the duration of the call, so two threads (two browser sessions sharing one cached model) must take turns."""
-    with _SWAP_LOCKS_GUARD:
-        lock = _SWAP_LOCKS.get(module)
-        if lock is None:
-            lock = _SWAP_LOCKS[module] = threading.RLock()
-        return lock
-
-
-def locked_functional_call(module: nn.Module, params: Mapping[str, torch.Tensor], args: tuple, *,
-                           tie_weights: bool) -> torch.Tensor:
-    """`torch.func.functional_call` under the module's swap lock (never changes the module once it returns)."""
-    with swap_lock(module):
-        return functional_call(module, dict(params), args, tie_weights=tie_weights, strict=False)
-
-
-def _submodule_call(model: nn.Module, path: str, canonical: dict[str, str]):
-    """(call, params): call(overrides, *args) runs submodule `path` with its overridden parameters swapped in."""
-    sub = model.get_submodule(path)
-    local_to_canonical = {local: canonical[f"{path}.{local}"] for local, _ in sub.named_parameters(remove_duplicate=False)}
-
-    def call(overrides: Overrides, *args):
-        swapped = {local: overrides[c] for local, c in local_to_canonical.items() if c in overrides}
-        if not swapped:
-            with swap_lock(sub):  # another thread may have its tensors swapped into `sub` right now
-                return sub(*args)
-        return locked_functional_call(sub, swapped, args, tie_weights=False)
-
-    return call, frozenset(local_to_canonical.values())
-
-
 def _gpt_stages(model: GPT, canonical: dict[str, str]) -> list[Stage]:
     """GPT.forward cut at block boundaries: embedding, each block, final norm + tied head (models/gpt.py)."""
-    tok, tok_params = _submodule_call(model, "tok_emb", canonical)
-    pos, pos_params = _submodule_call(model, "pos_emb", canonical)
+    tok, tok_params = submodule_call(model, "tok_emb", canonical)
+    pos, pos_params = submodule_call(model, "pos_emb", canonical)
 
     def embed(overrides: Overrides, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]  # idx: (B, T)
@@ -316,10 +186,10 @@ def _gpt_stages(model: GPT, canonical: dict[str, str]) -> list[Stage]:
 
     stages = [Stage("embedding", tok_params | pos_params, embed)]
     for i in range(len(model.blocks)):
-        block, params = _submodule_call(model, f"blocks.{i}", canonical)
+        block, params = submodule_call(model, f"blocks.{i}", canonical)
         stages.append(Stage(f"blocks.{i}", params, block))
-    ln_f, ln_params = _submodule_call(model, "ln_f", canonical)
-    head, head_params = _submodule_call(model, "lm_head", canonical)
+    ln_f, ln_params = submodule_call(model, "ln_f", canonical)
+    head, head_params = submodule_call(model, "lm_head", canonical)
     stages.append(Stage("head", ln_params | head_params, lambda overrides, x: head(overrides, ln_f(overrides, x))))
     return stages
 
@@ -335,8 +205,6 @@ def _attach_text(runnable: Runnable, checkpoint, tokenizer, eval_text: str | Non
     if tokenizer is None and folder is not None and (folder / TOKENIZER_FILE).is_file():
         tokenizer = folder / TOKENIZER_FILE
     if isinstance(tokenizer, (str, Path, bytes)):
-        from tokenizers import Tokenizer
-
         label = TOKENIZER_FILE if isinstance(tokenizer, bytes) else str(tokenizer)
         try:
             if isinstance(tokenizer, bytes):

@@ -242,9 +242,3 @@ def role_table(analysis: Analysis) -> list[dict]:
         })
     return rows
 
-
-def analyze(checkpoint, settings: Settings = Settings(), progress: Progress | None = None):
-    """Analyse every weight matrix of a checkpoint (a path, "demo", or a loaded Checkpoint); returns `Analysis`."""
-    from spectral.workspace import Workspace
-
-    return Workspace.open(checkpoint).analyze(settings, progress=progress)
