@@ -12,8 +12,10 @@ in `Checkpoint.tied_groups`, so the analysis treats them as one matrix with seve
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import pickletools
@@ -23,7 +25,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -32,6 +34,10 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 HASH_CHUNK = 8 * 1024 * 1024  # sha256 is streamed in 8 MiB chunks
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+LISTED_SUFFIXES = WEIGHT_SUFFIXES + (".gguf",)  # what a server folder offers (GGUF files carry their own config)
+LIST_DEPTH = 2  # a server folder is listed this many levels deep
+MAX_LISTED_ENTRIES = 100_000  # directory entries examined by one listing, so a huge folder cannot stall the page
+MAX_SIDE_FILE = 64 << 20  # config.json, an index, tokenizer.json, heldout.txt: read whole, so bounded
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # where training scripts nest the weights
 STRIPPED_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DistributedDataParallel
 SIDE_FILES = ("config.json", "tokenizer.json")  # part of a folder's content (and its sha256) when present
@@ -75,8 +81,12 @@ class Checkpoint:
     files: list[str] = field(default_factory=list)  # the files the content came from
     warnings: list[str] = field(default_factory=list)  # things worth telling the user that did not stop loading
     side_files: dict[str, bytes] = field(default_factory=dict, repr=False)  # uploads only: tokenizer.json,
-    # heldout.txt sent with the weights (a folder's stay on disk beside them)
+    # heldout.txt sent with the weights (a folder's stay on disk beside them: read them with `side_file`)
+    root: str | None = None  # the server folder every file of this checkpoint must resolve inside (open_in_folder)
+    quantization: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (quantisation type, the
+    # noise sigma it alone adds, in weight units); empty for unquantised formats
     _readers: dict[str, Callable[[str], torch.Tensor]] = field(default_factory=dict, repr=False)
+    _folder: Path | None = field(default=None, repr=False)  # where side files live on disk; None for uploads
 
     def names(self) -> list[str]:
         """Every stored tensor name, in checkpoint order (tied aliases included)."""
@@ -99,6 +109,28 @@ class Checkpoint:
     def n_tensors(self) -> int:
         return len(self.shapes)
 
+    def side_file(self, relative: str) -> bytes | None:
+        """A file that came with the weights ("tokenizer.json", "heldout.txt", "1_Pooling/config.json"), or None.
+
+        Uploads: by base name, from what was uploaded. On disk: from the weights' folder, refused (CheckpointError) if
+        it resolves outside `root` (a symlink out of the server folder) or is over MAX_SIDE_FILE bytes."""
+        if self._folder is None:
+            return self.side_files.get(PurePosixPath(str(relative).replace("\\", "/")).name)
+        parts = _relative_parts(str(relative), label=str(relative), max_depth=None)
+        path = self._folder.joinpath(*parts)
+        root = Path(self.root) if self.root is not None else None
+        label = _shown(path, root)
+        if not path.exists():  # a dangling symlink is absent too
+            return None
+        target = _confine(path, root, label)
+        if not target.is_file():
+            return None
+        size = target.stat().st_size
+        if size > MAX_SIDE_FILE:
+            raise CheckpointError(label, f"too large: {_human_bytes(size)}, over the {_human_bytes(MAX_SIDE_FILE)} "
+                                         "limit for a side file")
+        return target.read_bytes()
+
     @property
     def n_params(self) -> int:
         """Elements of every tensor, each tied group counted once."""
@@ -108,39 +140,35 @@ class Checkpoint:
 
 # -------------------------------------------------------------------------------------------------------- entry points
 
-def load_checkpoint(source: str | os.PathLike, *, max_bytes: int | None = None) -> Checkpoint:
-    """Open a file (.safetensors/.pt/.pth/.bin), a Hugging Face folder, or the word "demo" (the bundled model)."""
+def load_checkpoint(source: str | os.PathLike, *, max_bytes: int | None = None,
+                    known_sha256: str | None = None) -> Checkpoint:
+    """Open a file (.safetensors/.pt/.pth/.bin), a Hugging Face folder, or the word "demo" (the bundled model).
+
+    `known_sha256`: the content's digest, already computed elsewhere (a Ray worker opening a file its driver hashed);
+    the file is then not hashed again."""
     if isinstance(source, str) and source == "demo":
         return _load_demo(max_bytes)
     label = str(source)
     if not label.strip():
         raise CheckpointError("''", "no checkpoint path given")
+    if known_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", known_sha256):
+        raise ValueError(f"known_sha256 must be 64 lowercase hex digits, got {known_sha256!r}")
     path = Path(source)
-    try:
+    with _reading(label):
         if path.is_dir():
-            return _load_fileset(_FolderFiles(path), label, max_bytes)
+            return _load_fileset(_FolderFiles(path), label, max_bytes, known_sha256)
         if not path.exists():
             raise CheckpointError(label, "no such file or folder")
-        if not path.is_file():
-            raise CheckpointError(label, "not a regular file or folder")
-        size = path.stat().st_size
-        _check_size(label, size, max_bytes)
-        digest = _sha256_file(path)
-        with path.open("rb") as f:
-            head = f.read(16)
-        part = _open_file(label, path.name, size, head, path=path)
-    except PermissionError:
-        raise CheckpointError(label, "cannot read: permission denied") from None
-    except OSError as e:
-        raise CheckpointError(label, f"cannot read: {e.strerror or _first_line(e)}") from None
-    return _assemble(part, source=label, fmt=part.kind, sha256=digest, files=[str(path)])
+        return _load_file(path, label, max_bytes, known_sha256)
 
 
 def load_checkpoint_bytes(data: bytes, filename: str, *, max_bytes: int | None = None) -> Checkpoint:
     """Open one uploaded file held in memory; `filename` names it in messages (the format comes from the bytes)."""
-    _check_size(filename, len(data), max_bytes)
-    part = _open_file(filename, filename, len(data), bytes(data[:16]), data=data)
-    return _assemble(part, source=filename, fmt=part.kind, sha256=hashlib.sha256(data).hexdigest(), files=[filename])
+    with _reading(filename):
+        _check_size(filename, len(data), max_bytes)
+        part = _open_file(filename, filename, len(data), bytes(data[:16]), data=data)
+        return _assemble(part, source=filename, fmt=part.kind, sha256=hashlib.sha256(data).hexdigest(),
+                         files=[filename])
 
 
 def load_checkpoint_files(files: dict[str, bytes], *, max_bytes: int | None = None) -> Checkpoint:
@@ -159,43 +187,202 @@ def load_checkpoint_files(files: dict[str, bytes], *, max_bytes: int | None = No
     if len(by_name) == 1:
         (name, data), = by_name.items()
         return load_checkpoint_bytes(data, name, max_bytes=max_bytes)
-    return _load_fileset(_MemoryFiles(by_name), None, max_bytes)
+    with _reading("upload"):
+        return _load_fileset(_MemoryFiles(by_name), None, max_bytes, None)
+
+
+# ------------------------------------------------------------------------------------------------- the server folder
+
+def list_checkpoints(root: str | os.PathLike) -> list[str]:
+    """What a server folder offers: weight files and Hugging Face folders (config.json beside weights), up to
+    LIST_DEPTH levels down, as POSIX paths relative to `root`; folders end with "/".
+
+    Hidden entries are skipped, and so is anything that resolves outside `root` (a symlink out of it): a folder is
+    offered only if none of its files does. A weight file inside a Hugging Face folder is part of the folder, not
+    offered alone; .gguf files are always offered alone. A missing root lists nothing."""
+    try:
+        base = Path(root).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return []
+    if not base.is_dir():
+        return []
+    found: list[tuple[str, ...]] = []
+    budget = [MAX_LISTED_ENTRIES]
+
+    def visit(folder: Path, parts: tuple[str, ...]) -> None:
+        files, folders = _scan(folder, base, budget)
+        is_model = "config.json" in files and any(n.lower().endswith(WEIGHT_SUFFIXES) for n in files)
+        if parts and is_model and None not in files.values():
+            found.append(parts + ("",))
+        if len(parts) >= LIST_DEPTH:  # a folder at the last level is offered whole, its contents are not
+            return
+        for name, target in files.items():
+            if target is None or not name.lower().endswith(LISTED_SUFFIXES):
+                continue
+            if name.lower().endswith(".gguf") or "config.json" not in files:
+                found.append(parts + (name,))
+        for name in folders:
+            visit(folder / name, parts + (name,))
+
+    visit(base, ())
+    return ["/".join(parts) for parts in sorted(found)]
+
+
+def open_in_folder(root: str | os.PathLike, relative: str, *, max_bytes: int | None = None) -> Checkpoint:
+    """Open the entry `relative` (as `list_checkpoints` names it) of the server folder `root`.
+
+    Every path opened resolves inside `root`: the entry, each file read inside a folder, index-listed shards,
+    config.json and tokenizer.json; `Checkpoint.root` records it so that side files read later
+    (`Checkpoint.side_file`) are held to it too. Messages name the relative path, never the server's own paths."""
+    shown = str(relative)
+    try:
+        base = Path(root).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise CheckpointError(shown, "the server's checkpoint folder is missing") from None
+    hidden = [str(Path(root)), str(base)]
+    try:
+        with _reading(shown):
+            parts = _relative_parts(shown, label=shown, max_depth=LIST_DEPTH)
+            entry = base.joinpath(*parts)
+            target = _confine(entry, base, shown)
+            name = "/".join(parts)
+            if target.is_dir():
+                ckpt = _load_fileset(_FolderFiles(entry, root=base, shown=name), name + "/", max_bytes, None)
+            elif target.is_file():
+                ckpt = _load_file(target, name, max_bytes, None, recorded=entry)
+            else:
+                raise CheckpointError(shown, "no such file or folder")
+    except CheckpointError as e:  # a library's message may still carry an absolute path: strip the folder
+        raise CheckpointError(_scrub(e.source, hidden), _scrub(e.problem, hidden)) from None
+    ckpt.root = str(base)
+    return ckpt
+
+
+def _scan(folder: Path, base: Path, budget: list[int]) -> tuple[dict[str, Path | None], dict[str, Path]]:
+    """The visible files (name -> resolved path, None when it resolves outside `base`) and the visible folders that
+    stay inside `base`, of one folder of a listing."""
+    files: dict[str, Path | None] = {}
+    folders: dict[str, Path] = {}
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                budget[0] -= 1
+                if budget[0] < 0:
+                    break
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    target = Path(entry.path).resolve(strict=True)
+                except (OSError, RuntimeError):  # dangling symlink, loop, permission
+                    continue
+                inside = _is_inside(target, base)
+                if target.is_dir():
+                    if inside:
+                        folders[entry.name] = target
+                elif target.is_file():
+                    files[entry.name] = target if inside else None
+    except OSError:
+        pass
+    return files, folders
+
+
+def _relative_parts(relative: str, *, label: str, max_depth: int | None) -> tuple[str, ...]:
+    """The parts of a relative POSIX path; absolute paths, "..", hidden parts and NUL bytes are refused."""
+    text = relative.strip().replace("\\", "/")
+    pure = PurePosixPath(text)
+    parts = tuple(p for p in pure.parts if p not in ("", "."))
+    if not parts:
+        raise CheckpointError(label or "''", "no checkpoint named")
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:", text) or "\x00" in text:
+        raise CheckpointError(label, "not a path inside the server's checkpoint folder")
+    if any(p == ".." or p.startswith(".") for p in parts):
+        raise CheckpointError(label, "outside the server's checkpoint folder (.. or a hidden entry)")
+    if max_depth is not None and len(parts) > max_depth:
+        raise CheckpointError(label, f"deeper than the {max_depth} levels the server folder offers")
+    return parts
+
+
+def _confine(path: Path, root: Path | None, label: str) -> Path:
+    """`path` resolved (symlinks followed), refused if it resolves outside `root` (no check without a root)."""
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise CheckpointError(label, "no such file or folder") from None
+    except RuntimeError:  # a symlink loop
+        raise CheckpointError(label, "a symlink loop") from None
+    if root is not None and not _is_inside(target, root):
+        raise CheckpointError(label, "resolves outside the server's checkpoint folder (a symlink?); refused")
+    return target
+
+
+def _is_inside(target: Path, root: Path) -> bool:
+    return target == root or root in target.parents
+
+
+def _shown(path: Path, root: Path | None) -> str:
+    """How a message names `path`: relative to the server folder when there is one, else as given."""
+    if root is not None:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            return path.name
+    return str(path)
+
+
+def _scrub(text: str, hidden: list[str]) -> str:
+    for prefix in sorted(set(hidden), key=len, reverse=True):
+        if prefix and prefix != "/":
+            text = text.replace(prefix + os.sep, "").replace(prefix, ".")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------- file sets
 
 class _FolderFiles:
-    """Files of a folder on disk, named relative to it."""
+    """Files of a folder on disk, named relative to it; with a `root`, each must resolve inside it when touched."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, folder: Path, *, root: Path | None = None, shown: str | None = None):
+        self.folder, self.root = folder, root
+        self.shown = shown if shown is not None else str(folder)
 
     def label(self, name: str) -> str:
-        return str(self.root / name)
+        return f"{self.shown}/{name}" if self.root is not None else str(self.folder / name)
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_file())
+        return sorted(p.name for p in self.folder.iterdir() if p.is_file())
+
+    def target(self, name: str) -> Path:
+        """The file to read for `name`: resolved, and confined to the root when there is one."""
+        return _confine(self.folder / name, self.root, self.label(name))
 
     def exists(self, name: str) -> bool:
-        return (self.root / name).is_file()
+        if not (self.folder / name).is_file():
+            return False
+        self.target(name)  # a side file that points outside the root is refused, not ignored
+        return True
 
     def size(self, name: str) -> int:
-        return (self.root / name).stat().st_size
+        return self.target(name).stat().st_size
 
     def read(self, name: str) -> bytes:
-        return (self.root / name).read_bytes()
+        target = self.target(name)
+        size = target.stat().st_size
+        if size > MAX_SIDE_FILE:
+            raise CheckpointError(self.label(name), f"too large: {_human_bytes(size)}, over the "
+                                                    f"{_human_bytes(MAX_SIDE_FILE)} limit for a side file")
+        return target.read_bytes()
 
     def sha256(self, name: str) -> str:
-        return _sha256_file(self.root / name)
+        return _sha256_file(self.target(name))
 
     def open(self, name: str) -> _Part:
-        path = self.root / name
-        with path.open("rb") as f:
+        target = self.target(name)
+        with target.open("rb") as f:
             head = f.read(16)
-        return _open_file(self.label(name), name, path.stat().st_size, head, path=path)
+        return _open_file(self.label(name), name, target.stat().st_size, head, path=target)
 
     def path(self, name: str) -> str:
-        return str(self.root / name)
+        return str(self.folder / name)
 
 
 class _MemoryFiles:
@@ -243,7 +430,25 @@ def _load_demo(max_bytes: int | None) -> Checkpoint:
     return ckpt
 
 
-def _load_fileset(store: _FolderFiles | _MemoryFiles, label: str | None, max_bytes: int | None) -> Checkpoint:
+def _load_file(path: Path, label: str, max_bytes: int | None, known_sha256: str | None, *,
+               recorded: Path | None = None) -> Checkpoint:
+    """One weights file on disk; `recorded` is the path to report in `Checkpoint.files` (default `path`)."""
+    if not path.is_file():
+        raise CheckpointError(label, "not a regular file or folder")
+    size = path.stat().st_size
+    _check_size(label, size, max_bytes)
+    digest = known_sha256 or _sha256_file(path)
+    with path.open("rb") as f:
+        head = f.read(16)
+    part = _open_file(label, path.name, size, head, path=path)
+    shown = recorded if recorded is not None else path
+    ckpt = _assemble(part, source=label, fmt=part.kind, sha256=digest, files=[str(shown)])
+    ckpt._folder = shown.parent
+    return ckpt
+
+
+def _load_fileset(store: _FolderFiles | _MemoryFiles, label: str | None, max_bytes: int | None,
+                  known_sha256: str | None) -> Checkpoint:
     """A Hugging Face layout: one weights file, or shards listed in an index, plus config.json and tokenizer.json."""
     present = store.names()
     index_name, weights_name = _choose_weights(present, label or "upload")
@@ -280,10 +485,12 @@ def _load_fileset(store: _FolderFiles | _MemoryFiles, label: str | None, max_byt
     # the upload's held-out text changes what the loaded model is evaluated on, so it is part of its identity
     hashed = sorted(set(content) | ({n for n in UPLOADED_SIDE_FILES if store.exists(n)}
                                      if isinstance(store, _MemoryFiles) else set()))
-    digest = _combined_sha256({n: store.sha256(n) for n in hashed})
+    digest = known_sha256 or _combined_sha256({n: store.sha256(n) for n in hashed})
     ckpt = _assemble(merged, source=source, fmt="huggingface", sha256=digest, files=[store.path(n) for n in content])
     if isinstance(store, _MemoryFiles):
         ckpt.side_files = {n: store.read(n) for n in UPLOADED_SIDE_FILES if store.exists(n)}
+    else:
+        ckpt._folder = store.folder
     return ckpt
 
 
@@ -386,13 +593,13 @@ def _sniff(label: str, filename: str, size: int, head: bytes) -> str:
     suffix = Path(filename).suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"  # let the header check say what exactly is wrong
+    # the file's own bytes are never quoted: a message may reach a browser, and the bytes may not be the user's
     if _looks_like_text(head):
-        preview = head.decode("utf-8", "replace")[:12]
-        problem = f"not a checkpoint: the file is text (starts with {preview!r})"
+        problem = "not a checkpoint: the file is text"
     elif suffix in WEIGHT_SUFFIXES:
-        problem = f"not a checkpoint: no safetensors header, zip or pickle signature (first bytes {head[:8].hex(' ')})"
+        problem = "not a checkpoint: no safetensors header, zip or pickle signature"
     else:
-        problem = f"unknown format: not safetensors, a PyTorch zip or a pickle (first bytes {head[:8].hex(' ')})"
+        problem = "unknown format: not safetensors, a PyTorch zip or a pickle"
     raise CheckpointError(label, problem)
 
 
@@ -447,15 +654,16 @@ def _parse_safetensors_header(label: str, size: int, read: Callable[[int, int], 
     tensor data, which the data_offsets must cover exactly, contiguously, each span matching shape x dtype size."""
     if size < 8:
         raise CheckpointError(label, f"truncated file: {size} bytes, shorter than the 8-byte header length")
-    n = int.from_bytes(read(0, 8), "little")
+    n = int.from_bytes(read(0, 8), "little")  # never quoted in a message: it is the file's first 8 bytes
     data_len = size - 8 - n
     if n < 2:
-        raise CheckpointError(label, f"bogus header: header length is {n} bytes")
+        raise CheckpointError(label, "bogus header: the header length is too small to hold a header")
     if data_len < 0:
-        raise CheckpointError(label, f"header past end: header length says {n} bytes, but the file has only "
-                                     f"{size - 8} after it")
+        raise CheckpointError(label, f"header past end: the header length is larger than the {size - 8} bytes "
+                                     "after it")
     if n > SAFETENSORS_MAX_HEADER:
-        raise CheckpointError(label, f"bogus header: header length {n} is over the {SAFETENSORS_MAX_HEADER} byte limit")
+        raise CheckpointError(label, f"bogus header: the header length is over the {SAFETENSORS_MAX_HEADER} byte "
+                                     "limit")
     header = _read_json(label, read(8, n), problem="bogus header: ")
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
@@ -757,7 +965,7 @@ def _tied_groups(ckpt: Checkpoint, shared: list[list[str]]) -> list[tuple[str, .
     declared = []
     for chunk in ckpt.metadata.get("tied", "").split(";"):
         names = [n.strip() for n in chunk.split(",") if n.strip() in ckpt.shapes]
-        declared += [(a, b, True) for a, b in zip(names, names[1:])]
+        declared += [(a, b, True) for a, b in itertools.pairwise(names)]
     embeddings = [n for n in ckpt.shapes if _EMBEDDING_NAME.search(n)]
     heads = [n for n in ckpt.shapes if _HEAD_NAME.search(n) and n not in embeddings]
     known = [(a, b, False) for i, a in enumerate(embeddings) for b in embeddings[i + 1:] + heads]
@@ -795,6 +1003,22 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def _reading(label: str):
+    """Turn what reading a file can raise into one CheckpointError line naming `label`; nothing else escapes."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except PermissionError:
+        raise CheckpointError(label, "cannot read: permission denied") from None
+    except OSError as e:
+        raise CheckpointError(label, f"cannot read: {e.strerror or type(e).__name__}") from None
+    except RecursionError:
+        raise CheckpointError(label, "nested too deeply to read") from None
+    except MemoryError:
+        raise CheckpointError(label, "ran out of memory while reading it") from None
 
 def _check_size(label: str, size: int, max_bytes: int | None) -> None:
     if max_bytes is not None and size > max_bytes:
