@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ui.browser import chromium_path, goto_page, launch_chromium, streamlit_server, wait_idle  # noqa: E402
+from tests.browser import chromium_path, goto_page, launch_chromium, streamlit_server, wait_idle  # noqa: E402
 
 STEP = 0.05  # the rank-fraction slider's step
 

@@ -7,9 +7,9 @@ from ui import state, tables
 from ui.sidebar import human_count
 
 st.title("Ranks")
-loaded = state.require_current()
+opened = state.require_current()
 
-analysis = state.analysis(loaded)
+analysis = state.analysis(opened)
 if not analysis.matrices:
     st.info("This checkpoint has no weight matrices to analyse.")
     st.stop()

@@ -5,10 +5,10 @@ from spectral import figures
 from ui import state, tables
 
 st.title("Spectra")
-loaded = state.require_current()
+opened = state.require_current()
 
-analysis = state.analysis(loaded)
-spectra = loaded.workspace.spectra()
+analysis = state.analysis(opened)
+spectra = opened.workspace.spectra()
 reports = {r.name: r for r in analysis.matrices}
 if not reports:
     st.info("This checkpoint has no weight matrices to analyse.")

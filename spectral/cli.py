@@ -1,38 +1,29 @@
 """`python -m spectral <command> CKPT ...`: the command-line face of the engine (DESIGN.md "Contracts").
 
 Exit codes: 0 success, 2 bad arguments, 3 unreadable or unsafe checkpoint; errors are one line on stderr.
-Each subcommand lives in spectral/commands/<name>.py and registers itself with `register(subparsers)`.
+Each subcommand lives in spectral/commands/<name>.py and registers itself with `register(subparsers)`; every one is
+imported here, so a missing module fails at once, loudly.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from spectral.checkpoint import CheckpointError
+from spectral.commands import analyze, deciles, overlap, prune, redundancy, report, thresholds, truths, tying, whitened
+from spectral.commands.common import UsageError
 
-COMMANDS = ["analyze", "prune", "report", "truths", "tying", "thresholds", "deciles", "overlap", "redundancy", "whitened"]
-# ^ modules under spectral/commands, in help order; a missing module is simply not offered
+COMMANDS = (analyze, prune, report, truths, tying, thresholds, deciles, overlap, redundancy, whitened)  # help order
 
 EXIT_BAD_ARGS = 2
 EXIT_BAD_CHECKPOINT = 3
-
-
-class UsageError(Exception):
-    """A bad argument found after parsing (exit code 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m spectral",
                                      description="Random-matrix analysis and what-if pruning of weight matrices.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"spectral.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"spectral.commands.{name}":
-                raise
-            continue
+    for module in COMMANDS:
         module.register(sub)
     return parser
 

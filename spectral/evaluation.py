@@ -2,9 +2,8 @@
 
 Metrics for a causal language model, over every predicted position i of the batch (DESIGN.md `prune`):
 - agreement: mean 1[argmax p_i = argmax q_i], p the untouched model's next-token distribution, q the cut model's;
-- kl: mean KL(p_i ‖ q_i) = Σ_v p_iv (log p_iv − log q_iv) in nats, computed as Σ p d − log(1 + Σ q (e^d − 1)) with
-  d = z_ref − z (the logit change). Both terms are O(d) and their difference O(d²), so a KL of 1e-10 keeps four
-  digits in float32 (a plain log-softmax difference loses everything below ~1e-6); no cut gives exactly 0;
+- kl: mean KL(p_i ‖ q_i) = Σ_v p_iv (log p_iv − log q_iv) in nats (`position_metrics` says how it stays accurate
+  in float32 from KL 1e-12 to catastrophic cuts); no cut gives exactly 0;
 - perplexity before / after: exp(mean −log p(next token)), where the batch comes from text (labels exist).
 Encoders (kind "encoder") report the mean cosine between original and cut sentence embeddings and
 nearest-neighbour agreement among the evaluation sentences instead, with kl None.
@@ -15,29 +14,26 @@ predicted positions when the text is long enough. Encoders get sentences instead
 per sentence): the user's text, else the bundled text, else sentences of CPython's `pydoc_data.topics` ("builtin"),
 else, without a tokenizer, seeded random token ids ("random").
 
-`WhatIf` ties a `Pruner` (spectral/pruning.py) to an `Evaluator`: one slider move = `WhatIf.run(...)`.
-`sensitivity_scan` cuts one matrix (or one role) at a time and reports the KL each causes alone.
+`Evaluator` holds the untouched model's outputs on the fixed batch; spectral/whatif.py's session compares cut models
+with it (one slider move = `WhatIfSession.run`).
 """
 from __future__ import annotations
 
 import math
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pydoc_data.topics import topics
 
 import torch
-
-from spectral.analysis import Settings
-from spectral.pruning import Plan, Pruner, PruneResult, Strategy, in_scope, make_plan
 
 DEFAULT_POSITIONS = 2048  # predicted positions in the evaluation batch (issue 4: at least 2,000 for the demo)
 DEFAULT_SEQUENCE = 128  # tokens per evaluation sequence when the model allows it
 DEFAULT_SENTENCES = 64  # encoders: evaluation sentences (nearest-neighbour agreement is among these)
 CHUNK_ELEMENTS = 1 << 21  # logits processed per metrics chunk (8 MB of float32)
-METRICS_CACHE = 64  # what-if results remembered per session (metrics only: a few numbers each)
-EXPM1_SAFE = 1e6  # largest Σ q (e^d − 1) trusted (e^d overflows past d ≈ 88); beyond it lse_ref − lse is used
+PHI_SERIES_BOUND = 0.5  # |x| up to which φ(x) = e^x − 1 − x is summed as its Taylor series (see `phi`)
+_PHI_COEFFICIENTS = tuple(1.0 / math.factorial(k) for k in range(2, 10))  # 1/2!, ..., 1/9!
 
 Progress = Callable[[int, int, str], None]
 
@@ -188,8 +184,6 @@ def _encoder_batch(runnable, text: str | None, seed: int, length: int | None) ->
         return sentence_batch(runnable, runnable.eval_text, source="bundled", length=length,
                               detail="sentences of the held-out text shipped with the model")
     if runnable.tokenizer is not None:
-        from pydoc_data.topics import topics
-
         stock = "\n\n".join(topics[k] for k in sorted(topics))
         return sentence_batch(runnable, stock, source="builtin", length=length,
                               detail="sentences of CPython's pydoc_data.topics (no evaluation text given)")
@@ -227,46 +221,70 @@ class EvalMetrics:
 
 @dataclass
 class _Reference:
-    stage_inputs: list[torch.Tensor]  # input of every stage on the untouched model
-    logits: torch.Tensor  # (P, V) float32, P = predicted positions
-    probs: torch.Tensor | None  # (P, V) softmax of the logits
-    lse: torch.Tensor  # (P,) log-sum-exp of the logits
-    argmax: torch.Tensor  # (P,)
-    nll_sum: float | None  # Σ −log p(target)
+    stage_inputs: list  # input of every stage on the untouched model
+    logits: torch.Tensor  # (P, V) float32, P = predicted positions (encoders: (B, C) embeddings)
+    lse: torch.Tensor | None  # (P,) log-sum-exp of the logits
+    argmax: torch.Tensor | None  # (P,)
+    nll: torch.Tensor | None  # (P,) float64 −log p(target)
 
 
-def kl_agreement(ref_logits: torch.Tensor, ref_lse: torch.Tensor, ref_argmax: torch.Tensor, logits: torch.Tensor,
-                 targets: torch.Tensor | None = None, ref_probs: torch.Tensor | None = None
-                 ) -> tuple[float, float, float | None]:
-    """(Σ KL(p‖q), Σ 1[argmax agrees], Σ −log q(target) or None) over rows of (P, V) logits, in chunks.
+@dataclass
+class PositionMetrics:
+    """Per predicted position: KL(p‖q) in nats, top-1 agreement, and −log q(target) where labels exist."""
 
-    p = softmax(ref_logits) (pass `ref_probs` to skip recomputing it), q = softmax(logits); KL as in the module
-    docstring. Row-wise dot products (`vecdot`) avoid temporaries: the metrics cost a few passes over the logits."""
+    kl: torch.Tensor  # (P,) float64
+    agree: torch.Tensor  # (P,) bool
+    nll: torch.Tensor | None  # (P,) float64
+
+
+def phi(x: torch.Tensor) -> torch.Tensor:
+    """φ(x) = e^x − 1 − x ≥ 0 elementwise, to ~3e-7 relative in float32: the Taylor series to x⁹/9! (Horner) where
+    |x| ≤ 0.5, where `expm1(x) − x` would cancel, and `expm1(x) − x` beyond. Overwrites nothing."""
+    g = torch.full_like(x, _PHI_COEFFICIENTS[-1])
+    for c in reversed(_PHI_COEFFICIENTS[:-1]):
+        g.mul_(x).add_(c)
+    g.mul_(x).mul_(x)
+    big = x.abs() > PHI_SERIES_BOUND
+    if bool(big.any()):
+        g = torch.where(big, torch.expm1(x).sub_(x), g)
+    return g
+
+
+def position_metrics(ref_logits: torch.Tensor, ref_lse: torch.Tensor, ref_argmax: torch.Tensor,
+                     logits: torch.Tensor, targets: torch.Tensor | None = None) -> PositionMetrics:
+    """KL(p‖q), top-1 agreement and −log q(target) for every row of (P, V) logits, p = softmax(ref_logits),
+    q = softmax(logits), in chunks of `CHUNK_ELEMENTS`.
+
+    KL, accurately in float32 for tiny and catastrophic cuts alike: with d = z_ref − z and u = d − E_p[d],
+    KL = E_p[d] + log E_p[e^{−d}] = A + log1p(B − A), A = E_p[u] (≈ 0) and B = E_p[φ(−u)] (φ(x) = e^x − 1 − x ≥ 0).
+    B is a sum of non-negative terms, so it keeps float32's relative precision however small the KL, and an error in
+    A only enters at second order. Where e^{−u} overflows float32 (logit changes beyond ~88), the direct difference
+    E_p[d] − (lse_ref − lse) is used: the KL is then large, so its relative error stays small. Checked against
+    float64 and mpmath references in tests/test_evaluation.py (1e-6 relative)."""
     P, V = logits.shape
     step = max(1, CHUNK_ELEMENTS // max(V, 1))
-    kl_sum = agree = 0.0
-    nll = 0.0 if targets is not None else None
+    kl = torch.empty(P, dtype=torch.float64)
+    agree = torch.empty(P, dtype=torch.bool)
+    nll = torch.empty(P, dtype=torch.float64) if targets is not None else None
     for a in range(0, P, step):
-        z, z0 = logits[a:a + step], ref_logits[a:a + step]
-        lse0 = ref_lse[a:a + step]
-        p = ref_probs[a:a + step] if ref_probs is not None else torch.exp(z0 - lse0[:, None])
-        top, argmax = z.max(dim=-1)  # one pass gives the log-sum-exp shift and the top-1 prediction
-        e = torch.sub(z, top[:, None]).exp_()  # unnormalised q, one temporary
-        total = e.sum(-1)
-        lse = top + torch.log(total)
-        d = z0 - z
-        first = torch.linalg.vecdot(p, d).double()
-        second = (torch.linalg.vecdot(e, d.expm1_()) / total).double()  # Σ q (e^d − 1) = e^{lse0 − lse} − 1
-        if bool(torch.isfinite(second).all()) and float(second.max()) < EXPM1_SAFE:
-            second = torch.log1p(second)
-        else:  # huge logit changes: the e^d route overflows; the direct difference is accurate enough there
-            second = (lse0 - lse).double()
-        kl_sum += float((first - second).clamp_min(0.0).sum())
-        agree += float((argmax == ref_argmax[a:a + step]).sum())
-        if targets is not None:
-            t = targets[a:a + step]
-            nll += float((lse - z.gather(1, t[:, None])[:, 0]).sum(dtype=torch.float64))
-    return kl_sum, agree, nll
+        b = min(a + step, P)
+        z, z0, lse0 = logits[a:b], ref_logits[a:b], ref_lse[a:b]
+        p = torch.exp(z0 - lse0[:, None])
+        u = z0 - z
+        mean = torch.linalg.vecdot(p, u)  # E_p[d]
+        u.sub_(mean[:, None])
+        A = torch.linalg.vecdot(p, u).double()
+        B = torch.linalg.vecdot(p, phi(u.neg_())).double()
+        value = A + torch.log1p((B - A).clamp_min(-0.5))
+        finite = torch.isfinite(B)
+        lse = torch.logsumexp(z, dim=-1)
+        if not bool(finite.all()):
+            value = torch.where(finite, value, mean.double() + (lse - lse0).double())
+        kl[a:b] = value.clamp_min_(0.0)
+        agree[a:b] = z.argmax(dim=-1) == ref_argmax[a:b]
+        if nll is not None:
+            nll[a:b] = (lse - z.gather(1, targets[a:b, None])[:, 0]).double()
+    return PositionMetrics(kl, agree, nll)
 
 
 def embedding_metrics(reference: torch.Tensor, embeddings: torch.Tensor) -> tuple[float, float]:
@@ -288,7 +306,8 @@ def embedding_metrics(reference: torch.Tensor, embeddings: torch.Tensor) -> tupl
 class Evaluator:
     """The untouched model's outputs on a fixed batch, computed once; `evaluate(overrides)` compares a cut model.
 
-    Read-only after construction, so one evaluator can serve several sessions on the same checkpoint."""
+    Read-only after construction, so one evaluator serves every session on the same checkpoint and text (their
+    forward passes take turns on the runtime's lock: spectral/runtime.py)."""
 
     def __init__(self, runnable, batch: EvalBatch):
         self.runnable = runnable
@@ -297,9 +316,12 @@ class Evaluator:
         self._reference = self._compute_reference()
         self.reference_seconds = time.perf_counter() - start
 
+    @property
+    def kind(self) -> str:
+        return self.runnable.kind
+
     @torch.inference_mode()
-    def _run_stages(self, overrides: Mapping[str, torch.Tensor], start: int, x: torch.Tensor,
-                    keep: list | None = None) -> torch.Tensor:
+    def _run_stages(self, overrides: Mapping[str, torch.Tensor], start: int, x, keep: list | None = None):
         for stage in self.runnable.stages[start:]:
             if keep is not None:
                 keep.append(x)
@@ -309,25 +331,27 @@ class Evaluator:
     @torch.inference_mode()
     def _compute_reference(self) -> _Reference:
         ids = self.batch.input_ids
-        keep: list[torch.Tensor] = []
-        if self.runnable.stages:
-            out = self._run_stages({}, 0, ids, keep)
-        else:
-            out = self.runnable.forward(ids)
-        if self.runnable.kind == "encoder":
-            return _Reference(keep, out, None, None, None, None)
+        keep: list = []
+        out = self._run_stages({}, 0, ids, keep) if self.runnable.stages else self.runnable.forward(ids)
+        if self.kind == "encoder":
+            return _Reference(keep, out, None, None, None)
         logits = out.reshape(-1, out.shape[-1]).float()
         lse = torch.logsumexp(logits, dim=-1)
         nll = None
         if self.batch.targets is not None:
             t = self.batch.targets.reshape(-1)
-            nll = float((lse - logits.gather(1, t[:, None])[:, 0]).sum(dtype=torch.float64))
-        return _Reference(keep, logits, torch.exp(logits - lse[:, None]), lse, logits.max(dim=-1).indices, nll)
+            nll = (lse - logits.gather(1, t[:, None])[:, 0]).double()
+        return _Reference(keep, logits, lse, logits.argmax(dim=-1), nll)
+
+    @property
+    def reference_outputs(self) -> torch.Tensor:
+        """The untouched model's logits (P, V) or embeddings (B, C); read-only."""
+        return self._reference.logits
 
     @property
     def perplexity_before(self) -> float | None:
-        ref = self._reference
-        return None if ref.nll_sum is None else math.exp(ref.nll_sum / self.batch.positions)
+        nll = self._reference.nll
+        return None if nll is None else math.exp(float(nll.mean()))
 
     def start_stage(self, overrides: Mapping[str, torch.Tensor]) -> int:
         """Index of the first stage that reads an overridden parameter (len(stages) when none does)."""
@@ -353,174 +377,34 @@ class Evaluator:
             out = self.runnable.forward(self.batch.input_ids, overrides)
         else:
             return ref.logits, start
-        if self.runnable.kind == "encoder":
+        if self.kind == "encoder":
             return out, start
         return out.reshape(-1, out.shape[-1]).float(), start
+
+    @torch.inference_mode()
+    def positions(self, outputs: torch.Tensor) -> PositionMetrics:
+        """Per-position KL, agreement and NLL of causal-LM outputs (logits (…, V)) against the reference."""
+        ref = self._reference
+        logits = outputs.reshape(-1, outputs.shape[-1]).float()
+        targets = self.batch.targets.reshape(-1) if self.batch.targets is not None else None
+        return position_metrics(ref.logits, ref.lse, ref.argmax, logits, targets)
+
+    @torch.inference_mode()
+    def compare(self, outputs: torch.Tensor, *, start_stage: int = 0, seconds: float = 0.0) -> EvalMetrics:
+        """Metrics of any outputs on this batch (a cut model's, or a custom forward's) against the reference."""
+        if self.kind == "encoder":
+            cosine, agreement = embedding_metrics(self._reference.logits, outputs)
+            return EvalMetrics(agreement, None, None, None, cosine, seconds, start_stage)
+        m = self.positions(outputs)
+        after = None if m.nll is None else math.exp(float(m.nll.mean()))
+        return EvalMetrics(float(m.agree.double().mean()), float(m.kl.mean()), self.perplexity_before, after, None,
+                           seconds, start_stage)
 
     @torch.inference_mode()
     def evaluate(self, overrides: Mapping[str, torch.Tensor] | None = None) -> EvalMetrics:
         """Metrics of the model with these parameters replaced (canonical names -> tensors) against the reference."""
         t0 = time.perf_counter()
         out, start = self.outputs(overrides or {})
-        ref = self._reference
-        if self.runnable.kind == "encoder":
-            cosine, agreement = embedding_metrics(ref.logits, out)
-            return EvalMetrics(agreement, None, None, None, cosine, time.perf_counter() - t0, start)
-        targets = self.batch.targets.reshape(-1) if self.batch.targets is not None else None
-        kl_sum, agree, nll = kl_agreement(ref.logits, ref.lse, ref.argmax, out, targets, ref.probs)
-        n = out.shape[0]
-        after = None if nll is None else math.exp(nll / n)
-        return EvalMetrics(agree / n, kl_sum / n, self.perplexity_before, after, None, time.perf_counter() - t0,
-                           start)
-
-
-# ---------------------------------------------------------------------------------------------- what-if sessions
-
-@dataclass
-class WhatIfResult:
-    """One what-if: the plan, its storage effect and its output metrics (DESIGN.md `prune` JSON via `to_dict`)."""
-
-    plan: Plan
-    prune: PruneResult
-    metrics: EvalMetrics
-    batch: EvalBatch
-    kind: str = "causal_lm"
-    timings: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        s = self.plan.strategy
-        m = self.metrics
-        out = {
-            "strategy": s.name, "value": s.value, "scope": self.plan.scope, "precision": s.precision,
-            "agreement": m.agreement, "kl": m.kl,
-            "perplexity_before": m.perplexity_before, "perplexity_after": m.perplexity_after,
-            "params_before": self.prune.params_before, "params_after": self.prune.params_after,
-            "compression": self.prune.compression,
-            "eval": self.batch.to_dict(),
-            "matrices": [r.to_dict() for r in self.prune.matrices],
-            # additions beyond DESIGN.md's keys
-            "metric": "kl" if self.kind == "causal_lm" else "cosine",
-            "cosine": m.cosine,
-            "bytes_before": self.prune.bytes_before, "bytes_after": self.prune.bytes_after,
-            "overrides": {name: {"strategy": o.name, "value": o.value, "precision": o.precision}
-                          for name, o in self.plan.overrides.items()},
-            "warnings": list(self.plan.warnings),
-            "seconds": self.timings,
-        }
-        return out
-
-
-class WhatIf:
-    """A what-if session on one checkpoint: plans -> cut weights -> metrics against the untouched model.
-
-    `workspace` (spectral.workspace.Workspace) and `evaluator` may be shared between sessions; the pruner (the one
-    working copy of the cut matrices) is this session's own."""
-
-    def __init__(self, workspace, runnable=None, *, text: str | None = None, positions: int = DEFAULT_POSITIONS,
-                 seed: int = 0, batch: EvalBatch | None = None, evaluator: Evaluator | None = None,
-                 settings: Settings = Settings()):
-        if runnable is None:
-            from models.registry import runnable_model
-
-            runnable = evaluator.runnable if evaluator is not None else runnable_model(workspace.checkpoint)
-        self.workspace = workspace
-        self.runnable = runnable
-        self.settings = settings
-        if evaluator is None:
-            batch = batch or make_eval_batch(runnable, text, positions=positions, seed=seed)
-            evaluator = Evaluator(runnable, batch)
-        self.evaluator = evaluator
-        self.pruner = Pruner(workspace, runnable)
-        self._metrics: OrderedDict[frozenset, EvalMetrics] = OrderedDict()  # by the plan's cuts: a slider moved
-        # back to a value already seen costs the rebuild only
-
-    def plan(self, strategy: Strategy | str = "none", value: float | None = None, *, scope: str = "all",
-             precision: str | None = None, overrides: Mapping[str, Strategy] | None = None) -> Plan:
-        return make_plan(self.workspace, strategy, value, scope=scope, precision=precision, overrides=overrides,
-                         settings=self.settings)
-
-    def run(self, strategy: Strategy | str = "none", value: float | None = None, *, scope: str = "all",
-            precision: str | None = None, overrides: Mapping[str, Strategy] | None = None) -> WhatIfResult:
-        """One slider move: plan, rebuild what changed, evaluate."""
-        t0 = time.perf_counter()
-        plan = self.plan(strategy, value, scope=scope, precision=precision, overrides=overrides)
-        return self.run_plan(plan, plan_seconds=time.perf_counter() - t0)
-
-    def run_plan(self, plan: Plan, plan_seconds: float = 0.0) -> WhatIfResult:
-        t0 = time.perf_counter()
-        prune = self.pruner.apply(plan)
-        t1 = time.perf_counter()
-        key = frozenset(plan.cuts.items())
-        metrics = self._metrics.get(key)
-        if metrics is None:
-            metrics = self.evaluator.evaluate(self.pruner.overrides())
-            self._metrics[key] = metrics
-            while len(self._metrics) > METRICS_CACHE:
-                self._metrics.popitem(last=False)
-        else:
-            self._metrics.move_to_end(key)
-        t2 = time.perf_counter()
-        timings = {"plan": plan_seconds, "rebuild": t1 - t0, "evaluate": t2 - t1, "total": plan_seconds + t2 - t0}
-        return WhatIfResult(plan, prune, metrics, self.evaluator.batch, self.runnable.kind, timings)
-
-    def scan(self, strategy: Strategy | str, value: float | None = None, *, by: str = "matrix",
-             scope: str = "all", precision: str | None = None, progress: Progress | None = None) -> list[dict]:
-        return sensitivity_scan(self.workspace, self.evaluator, strategy, value, by=by, scope=scope,
-                                precision=precision, settings=self.settings, progress=progress)
-
-
-_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-
-def sensitivity_scan(workspace, evaluator: Evaluator, strategy: Strategy | str, value: float | None = None, *,
-                     by: str = "matrix", scope: str = "all", precision: str | None = None,
-                     settings: Settings = Settings(), progress: Progress | None = None) -> list[dict]:
-    """Cut one matrix (by="matrix") or every matrix of one role (by="role") at a time with `strategy` and report
-    the KL (and agreement) it causes alone, for a heatmap of where the model breaks.
-
-    Rows: unit (matrix name or role), role, layer (first integer in the name, None otherwise), matrices, rank,
-    kept_rank, relative_error, params_before, params_after, kl, agreement, cosine. Matrices the strategy leaves
-    uncut get kl 0 without a forward pass. A cut in block L re-runs blocks L.. only (cached activations)."""
-    if by not in ("matrix", "role"):
-        raise ValueError(f"by must be 'matrix' or 'role', got {by!r}")
-    full = make_plan(workspace, strategy, value, scope=scope, precision=precision, settings=settings)
-    units: dict[str, list] = {}
-    for info in workspace.matrices:
-        if not in_scope(info.role, scope):
-            continue
-        units.setdefault(info.name if by == "matrix" else info.role, []).append(info)
-    pruner = Pruner(workspace, evaluator.runnable)
-    spectra = workspace.spectra() if by == "role" else {}
-    rows = []
-    for i, (unit, infos) in enumerate(units.items()):
-        if progress:
-            progress(i, len(units), unit)
-        cuts = {info.name: full.cuts[info.name] for info in infos if info.name in full.cuts}
-        plan = Plan(full.strategy, scope, cuts)
-        prune = pruner.apply(plan)
-        metrics = evaluator.evaluate(pruner.overrides()) if cuts else None
-        mine = [r for r in prune.matrices if r.name in {info.name for info in infos}]
-        layer = _LAYER.search(unit) if by == "matrix" else None
-        rows.append({
-            "unit": unit, "role": infos[0].role, "layer": int(layer.group(1)) if layer else None,
-            "matrices": [info.name for info in infos],
-            "rank": sum(r.rank for r in mine), "kept_rank": sum(r.kept_rank for r in mine),
-            "relative_error": _pooled_error(mine, spectra) if by == "role" else mine[0].relative_error,
-            "params_before": sum(r.params_before for r in mine), "params_after": sum(r.params_after for r in mine),
-            "kl": metrics.kl if metrics else (0.0 if evaluator.runnable.kind == "causal_lm" else None),
-            "agreement": metrics.agreement if metrics else 1.0,
-            "cosine": metrics.cosine if metrics else (1.0 if evaluator.runnable.kind == "encoder" else None),
-        })
-    if progress:
-        progress(len(units), len(units), "")
-    return rows
-
-
-def _pooled_error(rows, spectra) -> float:
-    """sqrt(Σ ‖W − W'‖² / Σ ‖W‖²) over the matrices of a role: the relative error of the role as one block."""
-    num = den = 0.0
-    for r in rows:
-        sq = float((spectra[r.name].singular_values ** 2).sum()) if r.name in spectra else float(r.params_before)
-        num += r.relative_error**2 * sq
-        den += sq
-    return math.sqrt(num / den) if den > 0 else 0.0
+        metrics = self.compare(out, start_stage=start)
+        metrics.seconds = time.perf_counter() - t0
+        return metrics

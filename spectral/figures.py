@@ -19,11 +19,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import kaleido
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from spectral import mp
+from spectral.matrices import ROLES
 
 TEMPLATE = "spectra_report"
 FONT = "Arial, Helvetica, sans-serif"
@@ -37,8 +39,7 @@ BELOW_COLOR = BLUE  # below the lower edge
 FIT_COLOR = BLACK
 ENERGY_COLOR = SKY
 
-ROLE_ORDER = ("embedding", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down",
-              "head", "conv", "other")  # the order roles are listed in, input to output
+ROLE_ORDER = ROLES  # the order roles are listed in, input to output (spectral/matrices.py)
 ESTIMATOR_LABELS = {"bema": "BEMA", "broadening": "Gaussian broadening", "median": "median (Gavish-Donoho)"}
 
 # the modebar's "download plot" button in the browser: PNG at twice the on-screen size
@@ -124,10 +125,6 @@ class HistogramData:
     unit_label: str
 
 
-def _to_lambda(x: np.ndarray, space: str, N: int) -> np.ndarray:
-    return x * x / N if space == "singular" else x
-
-
 def histogram_data(spectrum, report, *, space: str = "singular", log_x: bool = False,
                    bins: int | None = None) -> HistogramData:
     """Bins of a matrix's spectrum split into bulk / above / below, and the MP expected counts per bin.
@@ -175,11 +172,12 @@ def histogram_data(spectrum, report, *, space: str = "singular", log_x: bool = F
     count = lambda mask: np.histogram(values[mask], bins=edges)[0].astype(float)  # noqa: E731
     bulk, above, below = count(~is_above & ~is_below), count(is_above), count(is_below)
 
-    # MP expectation M·(F(b) − F(a)) for a bin of the plot's width around each x (RMT.md §1.6)
-    law = mp.MarchenkoPastur(spectrum.q, max(float(report.sigma), 1e-300))
-    lam_lo, lam_hi = law.support()
-    x_lo = math.sqrt(N * lam_lo) if space == "singular" else lam_lo
-    x_hi = math.sqrt(N * lam_hi) if space == "singular" else lam_hi
+    # MP expectation M·(F(b) − F(a)) for a bin of the plot's width around each x (RMT.md §1.6); the singular-value
+    # law is in x = s/√N units (RMT.md §1.2), so raw s is scaled by 1/√N before its cdf
+    sigma = max(float(report.sigma), 1e-300)
+    law = mp.MarchenkoPasturSingular(spectrum.q, sigma) if space == "singular" else mp.MarchenkoPastur(spectrum.q, sigma)
+    unit = math.sqrt(N) if space == "singular" else 1.0
+    x_lo, x_hi = (edge * unit for edge in law.support())
     lo_plot, hi_plot = float(edges[0]), float(edges[-1])
     a, b = max(lo_plot, x_lo * 0.98), min(hi_plot, x_hi * 1.02)
     if log_x:
@@ -190,8 +188,8 @@ def histogram_data(spectrum, report, *, space: str = "singular", log_x: bool = F
     else:
         cx = np.linspace(a, max(b, a), 600)
         left, right = cx - step / 2, cx + step / 2
-    Fl = np.asarray(law.cdf(_to_lambda(np.clip(left, 0, None), space, N)))
-    Fr = np.asarray(law.cdf(_to_lambda(np.clip(right, 0, None), space, N)))
+    Fl = np.asarray(law.cdf(np.clip(left, 0, None) / unit))
+    Fr = np.asarray(law.cdf(np.clip(right, 0, None) / unit))
     cy = M * (Fr - Fl)
     unit = "singular value s (weight units)" if space == "singular" else "eigenvalue λ = s²/N (weight units²)"
     return HistogramData(edges, bulk, above, below, cx, cy, upper, lower, values,
@@ -611,10 +609,6 @@ def figure_to_image(fig: go.Figure, fmt: str = "png", *, scale: float = 2.0, wid
     fmt = fmt.lower()
     if fmt not in EXPORT_FORMATS:
         raise FigureExportError(f"unknown image format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    try:
-        import kaleido
-    except ImportError as exc:  # pragma: no cover - kaleido is a runtime requirement
-        raise FigureExportError("server-side export needs kaleido>=1 (pip install kaleido)") from exc
     browser = find_browser()
     if browser is None:
         raise FigureExportError("server-side export needs Chromium (apt-get install chromium) or $BROWSER_PATH")

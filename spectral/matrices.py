@@ -177,15 +177,27 @@ def find_matrices(checkpoint: Checkpoint) -> list[MatrixInfo]:
     return found
 
 
+def to_analysed(stored: torch.Tensor, info: MatrixInfo) -> torch.Tensor:
+    """The analysed 2-D view of a tensor in its stored layout: conv kernels flattened to out × in·kh·kw, Conv1D
+    weights transposed. A view (no copy, dtype kept); the inverse of `to_stored`. The one place layouts convert."""
+    if tuple(stored.shape) != tuple(info.source_shape or stored.shape):
+        raise ValueError(f"{info.name}: tensor has shape {tuple(stored.shape)}, expected {info.source_shape}")
+    matrix = stored.reshape(stored.shape[0], -1) if stored.dim() != 2 else stored
+    return matrix.T if info.transposed else matrix
+
+
+def to_stored(matrix: torch.Tensor, info: MatrixInfo) -> torch.Tensor:
+    """An analysed-layout matrix back in the checkpoint's stored layout and shape (a view when possible)."""
+    t = matrix.T if info.transposed else matrix
+    shape = tuple(info.source_shape or t.shape)
+    return t if tuple(t.shape) == shape else t.reshape(shape)
+
+
 def matrix_view(tensor: torch.Tensor, info: MatrixInfo) -> torch.Tensor:
-    """The 2-D floating-point matrix that `info` describes: conv kernels flattened, Conv1D weights transposed.
+    """The 2-D floating-point matrix that `info` describes (`to_analysed`), for the analysis.
 
     fp16/bf16/fp8 become float32 (a copy); float32 and float64 stay as they are (a view, no copy)."""
-    if tuple(tensor.shape) != tuple(info.source_shape):
-        raise ValueError(f"{info.name}: tensor has shape {tuple(tensor.shape)}, expected {info.source_shape}")
-    matrix = tensor.reshape(tensor.shape[0], -1)
-    if info.transposed:
-        matrix = matrix.T
+    matrix = to_analysed(tensor, info)
     if matrix.dtype not in (torch.float32, torch.float64):
         matrix = matrix.to(torch.float32)
     return matrix

@@ -28,6 +28,7 @@ re-based by a full rebuild every `MAX_INCREMENTS` moves so float error cannot ac
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 import zlib
@@ -36,11 +37,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors.torch import save, save_file
 
-from spectral.analysis import Settings
+from models.registry import gpt_metadata
+from spectral.analysis import Settings, factorised_params
+from spectral.matrices import to_analysed, to_stored
+from spectral.metrics import energy_rank
 
 STRATEGIES = ("none", "mp", "energy", "rank", "optimal", "band", "rank1", "random", "zero")
-CORE_STRATEGIES = ("mp", "energy", "rank", "optimal", "none")  # DESIGN.md's `prune --strategy` choices
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 SCOPES = ("all", "attention", "mlp", "embedding")
 DEFAULT_VALUES = {"mp": 2.0234, "energy": 0.999, "rank": 0.5, "band": 0, "random": 0}
@@ -194,8 +198,6 @@ def _cut_for(info, strategy: Strategy, analysis, spectra) -> Cut:
         z = np.asarray(analysis.row(info.name).z_scores)
         kept = int(np.count_nonzero(z > value))
     elif name == "energy":
-        from spectral.metrics import energy_rank
-
         kept = int(energy_rank(spectra[info.name].singular_values, value))
     elif name == "rank":
         kept = min(rank, math.ceil(value * rank - 1e-9))
@@ -271,9 +273,7 @@ def relative_error_from_spectrum(S: torch.Tensor, removed: slice) -> float:
 def stored_params(shape, kept_rank: int | None) -> int:
     """Parameters stored: dense m·n, or k·(m+n) for a rank-k factorisation when that is smaller (DESIGN.md)."""
     m, n = shape
-    if kept_rank is None:
-        return m * n
-    return min(kept_rank * (m + n), m * n)
+    return m * n if kept_rank is None else factorised_params(shape, kept_rank)
 
 
 def stored_bytes(shape, kept_rank: int | None, element_bytes: int, precision: str) -> int:
@@ -418,7 +418,7 @@ class Pruner:
         for info in self.workspace.matrices:
             state = self._working.get(info.name)
             if state is not None and state.active:
-                yield info, _to_stored(state.buffer, info)
+                yield info, to_stored(state.buffer, info)
 
     # -------------------------------------------------------------------------------------------------- rebuild
 
@@ -432,7 +432,7 @@ class Pruner:
             if refs:
                 param = self.runnable.parameter(refs[0].name)
                 stored = param.T if refs[0].transposed else param
-                w = _from_stored(stored, info)
+                w = to_analysed(stored, info)
         if w is None:
             w = self.workspace.weight(info.name).to(torch.float32)
         self._originals[info.name] = w
@@ -545,26 +545,6 @@ class Pruner:
         return PruneResult(rows, params_before, params_after, bytes_before, bytes_after, rebuilt, seconds)
 
 
-# --------------------------------------------------------------------------------------------------- layouts
-
-def _from_stored(stored: torch.Tensor, info) -> torch.Tensor:
-    """The analysed 2-D view of a stored tensor (spectral.matrices.matrix_view), without copying."""
-    t = stored.reshape(stored.shape[0], -1) if stored.dim() != 2 else stored
-    if getattr(info, "transposed", False):
-        t = t.T
-    if tuple(t.shape) != tuple(info.shape):
-        raise ValueError(f"{info.name}: stored shape {tuple(stored.shape)} does not give the analysed "
-                         f"{tuple(info.shape)}")
-    return t
-
-
-def _to_stored(matrix: torch.Tensor, info) -> torch.Tensor:
-    """Inverse of `_from_stored`: the analysed matrix back in the stored layout and shape (a view when possible)."""
-    t = matrix.T if getattr(info, "transposed", False) else matrix
-    source_shape = tuple(getattr(info, "source_shape", None) or t.shape)
-    return t if tuple(t.shape) == source_shape else t.reshape(source_shape)
-
-
 # ------------------------------------------------------------------------------------------------------- saving
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -598,13 +578,9 @@ def pruned_state(pruner: Pruner) -> dict[str, torch.Tensor]:
 def pruned_metadata(pruner: Pruner, plan: Plan | None = None) -> dict[str, str]:
     """safetensors metadata: the original's, what the runnable needs to rebuild the model, the tied groups, and
     the plan that made the file."""
-    import json
-
     ckpt = pruner.workspace.checkpoint
     meta = {str(k): str(v) for k, v in (ckpt.metadata or {}).items()}
     if pruner.runnable is not None:
-        from models.registry import gpt_metadata
-
         meta.update(gpt_metadata(pruner.runnable))
     if ckpt.config is not None:  # e.g. a Hugging Face config.json: the saved file rebuilds the same model
         meta.setdefault("config", json.dumps(ckpt.config))
@@ -622,8 +598,6 @@ def pruned_metadata(pruner: Pruner, plan: Plan | None = None) -> dict[str, str]:
 def save_pruned(pruner: Pruner, path=None) -> bytes | None:
     """Write the cut checkpoint as safetensors to `path` (returns None), or return its bytes when path is None
     (the dashboard's download button). `spectral.checkpoint.load_checkpoint` reads it back."""
-    from safetensors.torch import save, save_file
-
     tensors, meta = pruned_state(pruner), pruned_metadata(pruner)
     if path is None:
         return save(tensors, metadata=meta)

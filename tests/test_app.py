@@ -18,7 +18,7 @@ from safetensors.torch import save
 from streamlit.testing.v1 import AppTest
 
 from models.gpt import GPT, GPTConfig
-from spectral.checkpoint import DEMO_DIR, CheckpointError
+from spectral.checkpoint import DEMO_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -246,33 +246,7 @@ def test_report_page_offers_every_download():
     assert {"report_dl_0_png", "report_dl_0_svg"} <= keys
 
 
-# ------------------------------------------------------------------------------------------------ state module
-def test_server_paths_are_confined_to_the_folder(tmp_path):
-    from ui.state import confined_path
-
-    root = tmp_path / "models"
-    root.mkdir()
-    (root / "ok.safetensors").write_bytes(b"x")
-    (tmp_path / "secret.safetensors").write_bytes(b"x")
-    (root / "link.safetensors").symlink_to(tmp_path / "secret.safetensors")
-    assert confined_path(root, "ok.safetensors") == (root / "ok.safetensors").resolve()
-    for escape in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "link.safetensors"):
-        with pytest.raises(CheckpointError, match="outside"):
-            confined_path(root, escape)
-
-
-def test_server_folder_lists_weight_files_and_hugging_face_folders(tmp_path):
-    from ui.state import server_checkpoints
-
-    (tmp_path / "a.safetensors").write_bytes(b"x")
-    (tmp_path / "notes.txt").write_text("x")
-    hf = tmp_path / "gpt2"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
-    (hf / "model.safetensors").write_bytes(b"x")
-    assert server_checkpoints(tmp_path) == ["a.safetensors", "gpt2/"]
-
-
+# ------------------------------------------------------------------------------------------------ server folder
 def test_server_folder_checkpoint_opens_from_the_sidebar_choice(tmp_path, monkeypatch):
     (tmp_path / "tiny.safetensors").write_bytes(tiny_gpt_bytes(seed=3))
     monkeypatch.setenv("SPECTRA_MODELS", str(tmp_path))
@@ -281,24 +255,20 @@ def test_server_folder_checkpoint_opens_from_the_sidebar_choice(tmp_path, monkey
     at.button(key="server_open").click().run()
     assert_clean(at)
     assert "tiny.safetensors" in sidebar_text(at) and "server" in sidebar_text(at)
+    assert str(tmp_path) not in " ".join(c.value for c in at.caption)  # no absolute server path reaches the page
 
 
-class _FakeWorkspace:
-    def __init__(self, sha):
-        self.checkpoint = type("C", (), {"sha256": sha})()
-
-
-def test_registry_keeps_one_object_per_content_and_evicts_the_oldest():
-    from ui.state import Loaded, Registry
-
-    reg = Registry(capacity=2)
-    a = reg.put(Loaded(_FakeWorkspace("a"), "a", "upload", None))
-    assert reg.put(Loaded(_FakeWorkspace("a"), "a again", "upload", None)) is a  # same content: same object
-    reg.put(Loaded(_FakeWorkspace("b"), "b", "upload", None))
-    reg.get("a")  # a is now the most recently used
-    reg.put(Loaded(_FakeWorkspace("c"), "c", "upload", None))
-    assert reg.get("b") is None and reg.get("a") is a and reg.get("c") is not None
-    assert len(reg) == 2
+def test_a_symlink_out_of_the_server_folder_is_not_offered(tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    (root / "sub").mkdir(parents=True)
+    (root / "tiny.safetensors").write_bytes(tiny_gpt_bytes(seed=3))
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"root:*:20228:0:99999:7:::\n" * 4)
+    (root / "sub" / "link.safetensors").symlink_to(secret)
+    monkeypatch.setenv("SPECTRA_MODELS", str(root))
+    at = new_app().run()
+    assert_clean(at)
+    assert at.selectbox(key="server_choice").options == ["tiny.safetensors"]  # opening it is refused by the engine
 
 
 # ------------------------------------------------------------------------------------------------ a real encoder

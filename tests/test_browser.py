@@ -12,9 +12,16 @@ from pathlib import Path
 import pytest
 
 from spectral.checkpoint import DEMO_DIR
+from tests.browser import (
+    chromium_path,
+    goto_page,
+    launch_chromium,
+    screenshot,
+    streamlit_server,
+    wait_charts,
+    wait_idle,
+)
 from tests.test_app import malicious_pickle_bytes, tiny_gpt_bytes
-from ui.browser import (chromium_path, goto_page, launch_chromium, screenshot, streamlit_server, wait_charts,
-                        wait_idle)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "docs" / "screenshots"

@@ -1,7 +1,9 @@
-"""spectral/evaluation.py: the fixed batch, reference outputs, agreement / KL / perplexity, the sensitivity scan."""
+"""spectral/evaluation.py and spectral/whatif.py: the fixed batch, reference outputs, agreement / KL / perplexity,
+the what-if session and the sensitivity scan."""
 import math
 from pathlib import Path
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -14,16 +16,16 @@ from spectral.evaluation import (
     EvalBatch,
     EvaluationError,
     Evaluator,
-    WhatIf,
     embedding_metrics,
-    kl_agreement,
     make_eval_batch,
+    phi,
+    position_metrics,
     sample_batch,
-    sensitivity_scan,
     token_batch,
     windows,
 )
-from spectral.pruning import Strategy
+from spectral.runtime import BatchSpec, ModelRuntime
+from spectral.whatif import Choice, WhatIfSession, sensitivity_scan
 from spectral.workspace import Workspace
 from tests.tiny_models import save_tiny_gpt
 
@@ -100,16 +102,81 @@ def test_no_cut_gives_agreement_exactly_one_and_kl_exactly_zero():
         assert m.perplexity_after == m.perplexity_before
 
 
-def test_kl_survives_tiny_changes_and_huge_ones():
+def _kl_reference(z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(softmax z0 ‖ softmax z) from the float32 logits, in float64 (direct log-softmax difference)."""
+    p = torch.log_softmax(z0.double(), -1)
+    q = torch.log_softmax(z.double(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def _kl_mpmath(z0: list[float], z: list[float]) -> float:
+    """KL of one row with 50 significant digits (mpmath), for KLs too small for a float64 direct difference."""
+    mpmath.mp.dps = 50
+    a, b = [mpmath.mpf(float(v)) for v in z0], [mpmath.mpf(float(v)) for v in z]
+    la = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in a))
+    lb = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in b))
+    return float(mpmath.fsum(mpmath.exp(x - la) * ((x - la) - (y - lb)) for x, y in zip(a, b)))
+
+
+def _metrics(z0: torch.Tensor, z: torch.Tensor, targets=None):
+    return position_metrics(z0, torch.logsumexp(z0, -1), z0.argmax(-1), z, targets)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-2, 0.1, 1.0, 3.0, 30.0])
+def test_kl_equals_a_float64_reference_to_1e6_from_small_to_huge_logit_changes(scale):
     g = torch.Generator().manual_seed(0)
-    z0 = torch.randn(64, 500, generator=g) * 3
-    for scale in (1e-5, 1e-3, 1.0, 100.0):
-        z = z0 + scale * torch.randn(64, 500, generator=g)
-        kl_sum, _, _ = kl_agreement(z0, torch.logsumexp(z0, -1), z0.argmax(-1), z)
-        p = torch.log_softmax(z0.double(), -1)
-        q = torch.log_softmax(z.double(), -1)
-        exact = float((p.exp() * (p - q)).sum(-1).mean())
-        assert kl_sum / 64 == pytest.approx(exact, rel=1e-4)
+    z0 = torch.randn(64, 2000, generator=g) * 3
+    z = z0 + scale * torch.randn(64, 2000, generator=g)
+    kl = _metrics(z0, z).kl
+    exact = _kl_reference(z0, z)
+    assert torch.all((kl - exact).abs() <= 1e-6 * exact)
+
+
+def test_kl_of_tiny_changes_matches_50_digit_arithmetic():
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.randn(3, 300, generator=g) * 3
+    for scale in (1e-5, 1e-4):  # KL ~ 1e-11 .. 1e-9: a float64 log-softmax difference keeps only a few digits
+        z = z0 + scale * torch.randn(3, 300, generator=g)
+        kl = _metrics(z0, z).kl
+        for row in range(3):
+            exact = _kl_mpmath(z0[row].tolist(), z[row].tolist())
+            assert float(kl[row]) == pytest.approx(exact, rel=1e-6)
+
+
+def test_catastrophic_cut_gives_a_finite_kl_not_infinity():
+    """The SmolLM2 failure: the cut model's log-partition exceeds the original's by more than ~17, so
+    Σ q (e^d − 1) = e^{lse0 − lse} − 1 rounds to −1 in float32 and log1p gave −inf (KL = inf)."""
+    g = torch.Generator().manual_seed(2)
+    V = 49152
+    z0 = torch.randn(8, V, generator=g) * 2
+    z = torch.randn(8, V, generator=g) * 2
+    z[:, :40] += 40.0  # a few tokens the cut model is sure of: lse − lse0 ≈ 37
+    assert float((torch.logsumexp(z, -1) - torch.logsumexp(z0, -1)).min()) > 17
+    m = _metrics(z0, z, targets=torch.zeros(8, dtype=torch.long))
+    exact = _kl_reference(z0, z)
+    assert torch.isfinite(m.kl).all()
+    assert torch.all((m.kl - exact).abs() <= 1e-6 * exact)
+    assert torch.isfinite(m.nll).all()
+    assert not m.agree.any()
+
+
+def test_kl_past_float32_exponent_range_falls_back_to_the_direct_difference():
+    z0 = torch.zeros(2, 10)
+    z = torch.zeros(2, 10)
+    z[:, 0] = -200.0  # e^{-u} of a 200-nat change overflows float32
+    kl = _metrics(z0, z).kl
+    exact = _kl_reference(z0, z)
+    assert torch.isfinite(kl).all()
+    assert torch.all((kl - exact).abs() <= 1e-6 * exact)
+
+
+def test_phi_is_accurate_across_the_series_switch():
+    x = torch.tensor([-3.0, -0.6, -0.5, -0.49, -1e-3, -1e-8, 0.0, 1e-8, 1e-3, 0.49, 0.5, 0.6, 3.0])
+    exact = torch.expm1(x.double()) - x.double()
+    small = x.abs() < 1e-3
+    exact[small] = (x.double() ** 2 / 2 + x.double() ** 3 / 6)[small]
+    got = phi(x).double()
+    assert torch.all((got - exact).abs() <= 5e-7 * exact.abs() + 1e-30)
 
 
 def test_embedding_metrics_by_hand():
@@ -188,50 +255,51 @@ def test_cut_in_a_late_block_reruns_from_cached_activations_with_the_same_result
     assert evaluator.start_stage({"tok_emb.weight": None}) == 0  # tied: the embedding stage reads it first
 
 
+def session_of(workspace, runnable, *, positions: int) -> WhatIfSession:
+    return WhatIfSession(ModelRuntime(workspace, runnable=runnable), BatchSpec(None, positions))
+
+
 def test_whatif_run_reports_the_design_keys(gpt_session):
-    workspace, runnable = gpt_session
-    whatif = WhatIf(workspace, runnable, positions=256)
-    out = whatif.run("rank", 0.5, scope="mlp").to_dict()
+    whatif = session_of(*gpt_session, positions=256)
+    out = whatif.run(Choice("rank", 0.5, scope="mlp")).to_dict()
     for key in ("strategy", "value", "scope", "precision", "agreement", "kl", "perplexity_before",
                 "perplexity_after", "params_before", "params_after", "compression", "eval", "matrices"):
         assert key in out
     assert set(out["eval"]) == {"source", "sequences", "tokens"}
     assert {"name", "rank", "kept_rank", "relative_error"} <= set(out["matrices"][0])
     assert 0.0 <= out["agreement"] <= 1.0 and out["kl"] > 0.0
-    none = whatif.run("none").to_dict()
+    none = whatif.run(Choice("none")).to_dict()
     assert none["agreement"] == 1.0 and none["kl"] == 0.0
 
 
 def test_moving_back_to_a_seen_plan_reuses_its_metrics_but_rebuilds_the_weights(gpt_session):
-    workspace, runnable = gpt_session
-    whatif = WhatIf(workspace, runnable, positions=128)
-    first = whatif.run("rank", 0.5)
+    whatif = session_of(*gpt_session, positions=128)
+    first = whatif.run(Choice("rank", 0.5))
     kept = whatif.pruner.matrix("blocks.0.mlp.c_fc.weight").clone()
-    whatif.run("rank", 0.25)
-    again = whatif.run("rank", 0.5)
+    whatif.run(Choice("rank", 0.25))
+    again = whatif.run(Choice("rank", 0.5))
     assert again.metrics is first.metrics
     assert torch.allclose(whatif.pruner.matrix("blocks.0.mlp.c_fc.weight"), kept, atol=1e-6)
 
 
 def test_sensitivity_scan_matches_cutting_each_matrix_alone(gpt_session):
-    workspace, runnable = gpt_session
-    whatif = WhatIf(workspace, runnable, positions=256)
-    rows = whatif.scan("rank", 0.25)
+    workspace = gpt_session[0]
+    whatif = session_of(*gpt_session, positions=256)
+    rows = whatif.scan(Choice("rank", 0.25))
     assert [r["unit"] for r in rows] == [i.name for i in workspace.matrices]
     for row in rows[::3]:
-        others = {i.name: Strategy("none") for i in workspace.matrices if i.name != row["unit"]}
-        alone = whatif.run("rank", 0.25, overrides=others)
+        others = tuple((i.name, "none", None) for i in workspace.matrices if i.name != row["unit"])
+        alone = whatif.run(Choice("rank", 0.25, overrides=others))
         assert row["kl"] == pytest.approx(alone.metrics.kl, rel=1e-5, abs=1e-12)
         assert row["agreement"] == alone.metrics.agreement
     assert rows[0]["layer"] == 0 and rows[-1]["layer"] is None
-    by_role = sensitivity_scan(workspace, whatif.evaluator, "rank", 0.25, by="role")
+    by_role = sensitivity_scan(workspace, whatif.evaluator, Choice("rank", 0.25).plan(workspace), by="role")
     assert {r["unit"] for r in by_role} == {i.role for i in workspace.matrices}
     assert all(r["kl"] > 0 for r in by_role)
 
 
 def test_scan_reports_zero_for_matrices_the_strategy_leaves_alone(gpt_session):
-    workspace, runnable = gpt_session
-    rows = WhatIf(workspace, runnable, positions=128).scan("energy", 1.0)
+    rows = session_of(*gpt_session, positions=128).scan(Choice("energy", 1.0))
     assert all(r["kl"] == 0.0 and r["agreement"] == 1.0 for r in rows)
 
 

@@ -10,9 +10,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from models.registry import NotRunnable, runnable_model
 from spectral.checkpoint import load_checkpoint, load_checkpoint_files
-from spectral.evaluation import WhatIf, make_eval_batch
+from spectral.evaluation import make_eval_batch
 from spectral.matrices import find_matrices
-from spectral.pruning import Strategy
+from spectral.runtime import BatchSpec, ModelRuntime
+from spectral.whatif import Choice, WhatIfSession
 from spectral.workspace import Workspace
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional dependency")
@@ -159,11 +160,11 @@ def test_llama_matrices_have_their_projection_roles(folders):
 @pytest.mark.parametrize("model_type", list(CAUSAL))
 def test_causal_whatif_is_exact_without_a_cut_and_moves_with_one(folders, model_type):
     ws = Workspace.open(folders[model_type])
-    whatif = WhatIf(ws, runnable_model(ws.checkpoint), positions=256)
-    none = whatif.run("none").to_dict()
+    whatif = WhatIfSession(ModelRuntime(ws, runnable=runnable_model(ws.checkpoint)), BatchSpec(None, 256))
+    none = whatif.run(Choice("none")).to_dict()
     assert none["agreement"] == 1.0 and none["kl"] == 0.0 and none["metric"] == "kl"
     assert none["eval"]["source"] == "sampled"
-    cut = whatif.run("rank", 0.25).to_dict()
+    cut = whatif.run(Choice("rank", 0.25)).to_dict()
     assert cut["kl"] > 0.0 and cut["compression"] > 1.0
 
 
@@ -171,21 +172,21 @@ def test_causal_whatif_is_exact_without_a_cut_and_moves_with_one(folders, model_
 def test_encoder_whatif_reports_cosine_and_neighbours_with_kl_null(folders, model_type):
     ws = Workspace.open(folders[model_type])
     runnable = runnable_model(ws.checkpoint)
-    whatif = WhatIf(ws, runnable)
-    none = whatif.run("none").to_dict()
+    whatif = WhatIfSession(ModelRuntime(ws, runnable=runnable))
+    none = whatif.run(Choice("none")).to_dict()
     assert none["metric"] == "cosine" and none["kl"] is None and none["perplexity_before"] is None
     assert none["cosine"] == pytest.approx(1.0, abs=1e-12) and none["agreement"] == 1.0
-    cut = whatif.run("rank", 0.1).to_dict()
+    cut = whatif.run(Choice("rank", 0.1)).to_dict()
     assert cut["cosine"] < 0.999 and cut["kl"] is None
 
 
 def test_a_cut_conv1d_matrix_reaches_the_module_in_its_stored_layout(folders):
     ws = Workspace.open(folders["gpt2"])
     runnable = runnable_model(ws.checkpoint)
-    whatif = WhatIf(ws, runnable, positions=128)
+    whatif = WhatIfSession(ModelRuntime(ws, runnable=runnable), BatchSpec(None, 128))
     name = "transformer.h.1.mlp.c_fc.weight"
-    others = {m.name: Strategy("none") for m in ws.matrices if m.name != name}
-    whatif.run("rank1", overrides=others)
+    others = tuple((m.name, "none", None) for m in ws.matrices if m.name != name)
+    whatif.run(Choice("rank1", overrides=others))
     (param, cut), = whatif.pruner.overrides().items()
     assert param == f"model.{name}" and cut.shape == (WIDTH, 4 * WIDTH)
     assert torch.linalg.matrix_rank(cut) == 1
@@ -202,9 +203,8 @@ def test_a_cut_tied_embedding_reaches_the_lm_head_too(folders):
     assert "lm_head.weight" not in ckpt.names()  # transformers saves the tied matrix once
     ws = Workspace(ckpt)
     runnable = runnable_model(ckpt)
-    whatif = WhatIf(ws, runnable, positions=128)
-    whatif.run("rank", 0.25, scope="embedding",
-               overrides={"transformer.wpe.weight": Strategy("none")})
+    whatif = WhatIfSession(ModelRuntime(ws, runnable=runnable), BatchSpec(None, 128))
+    whatif.run(Choice("rank", 0.25, scope="embedding", overrides=(("transformer.wpe.weight", "none", None),)))
     overrides = whatif.pruner.overrides()
     assert list(overrides) == ["model.transformer.wte.weight"]
     reference = transformers.AutoModelForCausalLM.from_pretrained(folders["gpt2"]).eval()
@@ -223,8 +223,8 @@ def test_an_untied_head_is_cut_with_its_embedding_when_the_checkpoint_ties_them(
     ws = Workspace.open(tmp_path)
     assert ("model.embed_tokens.weight", "lm_head.weight") in ws.checkpoint.tied_groups
     runnable = runnable_model(ws.checkpoint)
-    whatif = WhatIf(ws, runnable, positions=128)
-    whatif.run("rank", 0.25, scope="embedding")
+    whatif = WhatIfSession(ModelRuntime(ws, runnable=runnable), BatchSpec(None, 128))
+    whatif.run(Choice("rank", 0.25, scope="embedding"))
     overrides = whatif.pruner.overrides()
     assert set(overrides) == {"model.model.embed_tokens.weight", "model.lm_head.weight"}
     assert torch.equal(overrides["model.model.embed_tokens.weight"], overrides["model.lm_head.weight"])
@@ -339,18 +339,18 @@ def test_uploaded_tokenizer_is_used(folders):
     assert runnable.tokenizer is not None
     assert runnable.tokenizer.encode("the cat").ids == [2, 4, 6, 3]  # padding of the file switched off
     text = sentences()
-    whatif = WhatIf(Workspace(load_checkpoint_files(files)), runnable, text=text)
+    whatif = WhatIfSession(ModelRuntime(Workspace(load_checkpoint_files(files)), runnable=runnable),
+                           BatchSpec(text))
     assert whatif.evaluator.batch.source == "text" and whatif.evaluator.batch.sequences == 24
 
 
 def test_a_saved_cut_hugging_face_model_reloads_and_runs_with_the_cut(folders, tmp_path):
-    from spectral.pruning import save_pruned
 
     ws = Workspace.open(folders["gpt2"])
     runnable = runnable_model(ws.checkpoint)
-    whatif = WhatIf(ws, runnable, positions=128)
-    whatif.run("rank", 0.5, scope="mlp")
-    save_pruned(whatif.pruner, tmp_path / "cut.safetensors")
+    whatif = WhatIfSession(ModelRuntime(ws, runnable=runnable), BatchSpec(None, 128))
+    whatif.run(Choice("rank", 0.5, scope="mlp"))
+    whatif.save(tmp_path / "cut.safetensors")
     reloaded = runnable_model(load_checkpoint(tmp_path / "cut.safetensors"))  # config.json travels in metadata
     assert reloaded.architecture == "hf-gpt2"
     x = ids()

@@ -12,7 +12,8 @@ import torch
 from models.gpt import GPT, GPTConfig
 from models.registry import NotRunnable, runnable_model
 from spectral.checkpoint import load_checkpoint
-from spectral.evaluation import WhatIf
+from spectral.runtime import BatchSpec, ModelRuntime
+from spectral.whatif import Choice, WhatIfSession
 from spectral.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,10 +59,10 @@ def test_nanogpt_ckpt_runs_exactly_and_a_cut_moves_it(tmp_path):
     x = torch.randint(0, 80, (2, 16))
     with torch.no_grad():
         assert torch.equal(runnable.forward(x), model(x))
-    whatif = WhatIf(ws, runnable, positions=256)
-    none = whatif.run("none").to_dict()
+    whatif = WhatIfSession(ModelRuntime(ws, runnable=runnable), BatchSpec(None, 256))
+    none = whatif.run(Choice("none")).to_dict()
     assert none["agreement"] == 1.0 and none["kl"] == 0.0
-    cut = whatif.run("rank", 0.25).to_dict()
+    cut = whatif.run(Choice("rank", 0.25)).to_dict()
     assert cut["kl"] > 0.0 and cut["agreement"] < 1.0
 
 
@@ -168,14 +169,14 @@ def test_real_minilm_embeddings_match_sentence_transformers(minilm):
 @pytest.mark.slow
 def test_real_minilm_is_pruned_exactly_without_a_cut_and_measurably_with_one(minilm):
     _, ws, runnable = minilm
-    whatif = WhatIf(ws, runnable)
+    whatif = WhatIfSession(ModelRuntime(ws, runnable=runnable))
     assert whatif.evaluator.batch.source == "builtin" and whatif.evaluator.batch.sequences == 64
-    none = whatif.run("none").to_dict()
+    none = whatif.run(Choice("none")).to_dict()
     assert none["cosine"] == pytest.approx(1.0, abs=1e-12) and none["agreement"] == 1.0 and none["kl"] is None
-    cut = whatif.run("rank", 0.25, scope="attention").to_dict()
+    cut = whatif.run(Choice("rank", 0.25, scope="attention")).to_dict()
     assert cut["metric"] == "cosine" and cut["kl"] is None
     assert 0.0 < cut["cosine"] < 0.999 and cut["compression"] > 1.0
-    mild = whatif.run("rank", 0.9, scope="attention").to_dict()
+    mild = whatif.run(Choice("rank", 0.9, scope="attention")).to_dict()
     assert cut["cosine"] < mild["cosine"] < 1.0  # a smaller cut moves the embeddings less
 
 

@@ -24,17 +24,12 @@ from spectral import spikes
 from spectral.analysis import Settings, Spectrum, factorised_params
 from spectral.checkpoint import load_checkpoint
 from spectral.cli import main
-from spectral.evaluation import Evaluator, WhatIf, token_batch
+from spectral.evaluation import Evaluator, token_batch
 from spectral.pruning import Strategy, low_rank
-from spectral.research import (
-    NeedsForward,
-    ResearchContext,
-    calibration_split,
-    collect_input_moments,
-    jsonable,
-    pearson,
-)
 from spectral.research import figures as research_figures
+from spectral.research.activations import collect_input_moments
+from spectral.research.common import NeedsForward, calibration_split, jsonable, pearson
+from spectral.research.context import ResearchContext
 from spectral.research.deciles import deciles, matrix_type
 from spectral.research.overlap import analytic_baseline, monte_carlo_baseline, overlap, overlaps
 from spectral.research.redundancy import redundancy, top_share
@@ -42,6 +37,8 @@ from spectral.research.thresholds import matrix_thresholds, thresholds
 from spectral.research.truths import truths
 from spectral.research.tying import amplification_ratio, find_cliff, power_fit, tying
 from spectral.research.whitened import kept_rank_for, whitened, whitened_factors, whitening_factor
+from spectral.runtime import BatchSpec, ModelRuntime
+from spectral.whatif import Choice, WhatIfSession
 from spectral.workspace import Workspace
 
 CONFIG = GPTConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, block_size=32)
@@ -135,7 +132,7 @@ def test_truths_counts_match_the_analysis_and_the_rules_match_prune(gpt_ctx):
         assert row["n_signal"] == sum(r.n_signal for r in reps)
         assert row["prunable_mp"] == dense - sum(factorised_params(tuple(r.shape), r.n_signal) for r in reps)
         assert row["prunable_energy"] == dense - sum(factorised_params(tuple(r.shape), r.energy_rank) for r in reps)
-    independent = WhatIf(gpt_ctx.workspace, gpt_ctx.runnable, evaluator=gpt_ctx.evaluator).run("energy", 0.99)
+    independent = WhatIfSession(gpt_ctx.runtime, evaluator=gpt_ctx.evaluator).run(Choice("energy", 0.99))
     assert result.rules[0].outcome.kl == pytest.approx(independent.metrics.kl, rel=1e-9)
     assert result.rules[0].compression == pytest.approx(independent.prune.compression)
     doc = result.to_dict()
@@ -230,7 +227,8 @@ def bigram_ctx(tmp_path, vocab=24, width=6):
                         param_names={"tok_emb.weight": [ParamRef("tok_emb.weight")],
                                      "lm_head.weight": [ParamRef("tok_emb.weight")]})
     ids = torch.arange(vocab * 2).remainder(vocab).reshape(6, -1)
-    return ResearchContext(ws, runnable, Evaluator(runnable, token_batch(ids))), E, ids
+    ctx = ResearchContext(ModelRuntime(ws, runnable=runnable), evaluator=Evaluator(runnable, token_batch(ids)))
+    return ctx, E, ids
 
 
 def test_unstaged_model_is_untied_through_functional_call(tmp_path):
@@ -298,8 +296,8 @@ def test_model_wide_threshold_cut_equals_the_mp_pruning_strategy(gpt_ctx):
     result = thresholds(gpt_ctx, confidences=(0.9, 0.99), estimators=("bema",))
     for row in result.model:
         settings = Settings(estimator=row["estimator"], confidence=row["confidence"])
-        independent = WhatIf(gpt_ctx.workspace, gpt_ctx.runnable, evaluator=gpt_ctx.evaluator,
-                             settings=settings).run("mp", row["t"])
+        independent = WhatIfSession(gpt_ctx.runtime, evaluator=gpt_ctx.evaluator).run(Choice("mp", row["t"]),
+                                                                                     settings)
         assert row["kl"] == pytest.approx(independent.metrics.kl, rel=1e-6)
         assert row["params_after"] == independent.prune.params_after
     chosen = result.to_dict()["matrices"]
@@ -382,7 +380,8 @@ def embed_linear_ctx(tmp_path, E, W, H, ids=None, extra=None):
                                      "proj.weight": [ParamRef("proj.weight")]})
     if ids is None:
         ids = torch.arange(vocab * 4 + 1).remainder(vocab).reshape(1, -1)
-    return ResearchContext(Workspace.open(path), runnable, Evaluator(runnable, token_batch(ids)), positions=64)
+    return ResearchContext(ModelRuntime(Workspace.open(path), runnable=runnable), BatchSpec(None, 64),
+                           evaluator=Evaluator(runnable, token_batch(ids)))
 
 
 def test_overlap_of_a_layer_whose_right_vectors_are_the_activation_eigenvectors(tmp_path):
@@ -412,7 +411,7 @@ def test_overlap_on_the_tiny_gpt_marks_classes_from_the_analysis(gpt_ctx):
     names = {m.name for m in result.matrices}
     assert "tok_emb.weight" in names  # through its LM-head use
     assert "pos_emb.weight" in {s["name"] for s in result.skipped}
-    analysis = gpt_ctx.workspace.analyze(gpt_ctx.settings)
+    analysis = gpt_ctx.workspace.analyze(Settings())
     for m in result.matrices:
         report = analysis.row(m.name)
         assert m.classes.count("signal") == report.n_signal
@@ -505,8 +504,8 @@ def test_a_nearly_zero_matrix_ranks_most_redundant(tmp_path):
     assert bests == sorted(bests)
     for r in rows:
         assert r["kl_best"] == min(r["kl_rank1"], r["kl_random"], r["kl_zero"])
-    independent = WhatIf(ctx.workspace, ctx.runnable, evaluator=ctx.evaluator).run(
-        "none", overrides={names[1]: Strategy("zero")})
+    independent = WhatIfSession(ctx.runtime, evaluator=ctx.evaluator).run(
+        Choice("none", overrides=((names[1], "zero", None),)))
     (row,) = [r for r in rows if r["name"] == names[1]]
     assert row["kl_zero"] == pytest.approx(independent.metrics.kl, rel=1e-9)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from spectral.library import Opened
 from ui import state
 
 
@@ -14,18 +15,19 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def sidebar(loaded: state.Loaded | None) -> None:
+def sidebar(opened: Opened | None) -> None:
     with st.sidebar:
         box = st.container(border=True, key="checkpoint_box")
-        if loaded is None:
+        if opened is None:
             box.markdown("**No checkpoint loaded**")
             box.caption("Upload one on the Overview page.")
         else:
-            ck = loaded.workspace.checkpoint
-            origin = {"demo": "bundled demo", "upload": "uploaded", "server": "server folder"}[loaded.origin]
-            box.markdown(f"**Checkpoint:** `{loaded.label}`")
+            ck = opened.checkpoint
+            origin = {"demo": "bundled demo", "upload": "uploaded", "server": "server folder",
+                      "gallery": "gallery"}[opened.origin]
+            box.markdown(f"**Checkpoint:** `{opened.label}`")
             fmt = "" if ck.format == "demo" else f" · {ck.format}"
             box.caption(f"{origin}{fmt} · {human_count(ck.n_params)} parameters · "
-                        f"{len(loaded.workspace.matrices)} matrices  \nsha256 `{ck.sha256[:16]}`")
+                        f"{len(opened.workspace.matrices)} matrices  \nsha256 `{ck.sha256[:16]}`")
         st.markdown("**Analysis settings**")
         state.settings_widgets()

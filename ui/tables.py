@@ -1,29 +1,10 @@
-"""Tables and small shared widgets for the pages (display only: every number comes from spectral/)."""
+"""Tables and charts drawn the same way on every page (display only: every number comes from spectral/)."""
 from __future__ import annotations
-
-import csv
-import io
 
 import streamlit as st
 
 from spectral import figures
-from ui import state
-
-MATRIX_COLUMNS = ["name", "shape", "role", "tied_with", "sigma", "edge_upper", "edge_lower", "n_signal", "n_below",
-                  "z_max", "energy_rank", "utilization", "stable_rank", "effective_rank", "participation_ratio",
-                  "spectral_norm", "frobenius_norm", "alpha", "ave_w_phi", "ks_distance", "warnings"]
-
-
-def matrix_rows(analysis) -> list[dict]:
-    """DESIGN.md's per-matrix fields, with lists shown as text."""
-    rows = []
-    for r in analysis.matrices:
-        d = r.to_dict()
-        d["shape"] = f"{d['shape'][0]}×{d['shape'][1]}"
-        d["tied_with"] = ", ".join(d["tied_with"])
-        d["warnings"] = "; ".join(d["warnings"])
-        rows.append({k: d.get(k) for k in MATRIX_COLUMNS})
-    return rows
+from spectral.export import matrix_rows
 
 
 def matrix_table(analysis, *, height: int | str | None = None, key: str | None = None):
@@ -55,37 +36,8 @@ def matrix_table(analysis, *, height: int | str | None = None, key: str | None =
         })
 
 
-def runnable_or_reason(loaded: state.Loaded):
-    """(Runnable, None) when the architecture is known, else (None, one-line reason); built once per checkpoint."""
-
-    def build():
-        from models.registry import NotRunnable, runnable_model
-
-        try:
-            return runnable_model(loaded.workspace.checkpoint), None
-        except NotRunnable as exc:
-            return None, str(exc)
-        except Exception as exc:  # an adapter bug must not take the page down
-            return None, f"{type(exc).__name__}: {exc}"
-
-    with st.spinner("Building the model…"):
-        return loaded.shared("runnable", build)
-
-
 def chart(fig, *, key: str | None = None, filename: str = "figure"):
     """A figure as it will be exported: our template (not Streamlit's theme), modebar PNG download at scale 2."""
     config = dict(figures.PLOTLY_CONFIG)
     config["toImageButtonOptions"] = dict(config["toImageButtonOptions"], filename=figures.safe_filename(filename))
     st.plotly_chart(fig, theme=None, config=config, key=key)
-
-
-def rows_to_csv(rows: list[dict]) -> str:
-    """A list of flat dicts as CSV text (lists joined with ';')."""
-    if not rows:
-        return ""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in row.items()})
-    return out.getvalue()

@@ -8,6 +8,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+class UsageError(Exception):
+    """A bad argument found after parsing (exit code 2)."""
+
+
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT",
                         help="a .safetensors/.pt/.pth/.bin file, a Hugging Face folder, or the word 'demo'")

@@ -24,4 +24,4 @@ def summary(doc: dict) -> str:
 
 
 def run(args) -> int:
-    return run_view(args, lambda ctx, progress: deciles(ctx, types=args.types, progress=progress), summary)
+    return run_view(args, lambda ctx, settings, progress: deciles(ctx, types=args.types, progress=progress), summary)

@@ -2,6 +2,7 @@
 input-activation second moment, against random baselines, with left outliers marked (spectral/research/overlap.py)."""
 from __future__ import annotations
 
+from spectral.commands.common import UsageError
 from spectral.commands.research_common import add_arguments, fmt, run_view
 from spectral.research.overlap import MC_SAMPLES, overlap
 
@@ -26,8 +27,6 @@ def summary(doc: dict) -> str:
 
 def run(args) -> int:
     if args.mc_samples < 10:
-        from spectral.cli import UsageError
-
         raise UsageError(f"--mc-samples must be at least 10, got {args.mc_samples}")
 
     class _View:
@@ -37,6 +36,6 @@ def run(args) -> int:
         def to_dict(self):
             return self.result.to_dict(vectors=not args.summary_only)
 
-    return run_view(args, lambda ctx, progress: _View(overlap(ctx, ctx.settings, names=args.matrix,
+    return run_view(args, lambda ctx, settings, progress: _View(overlap(ctx, settings, names=args.matrix,
                                                               mc_samples=args.mc_samples, seed=args.seed,
                                                               progress=progress)), summary)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from spectral.analysis import Settings
 from spectral.checkpoint import CheckpointError
-from spectral.cli import UsageError
-from spectral.commands.common import StderrProgress, add_checkpoint_argument, write_text
-from spectral.evaluation import DEFAULT_POSITIONS, EvaluationError, WhatIf, make_eval_batch
+from spectral.commands.common import StderrProgress, UsageError, add_checkpoint_argument, write_text
+from spectral.evaluation import DEFAULT_POSITIONS, EvaluationError
 from spectral.noise import ESTIMATORS
-from spectral.pruning import DEFAULT_VALUES, PRECISIONS, SCOPES, STRATEGIES, PlanError, Strategy, save_pruned
-from spectral.workspace import Workspace
+from spectral.pruning import DEFAULT_VALUES, PRECISIONS, SCOPES, STRATEGIES, PlanError, Strategy
+from spectral.runtime import BatchSpec, ModelRuntime
+from spectral.whatif import REFERENCE, Choice, WhatIfSession
 
 EPILOG = """strategies: mp (keep z > VALUE, default 2.0234), energy (keep the fraction VALUE of each matrix's energy,
 default 0.999), rank (keep the fraction VALUE of each matrix's rank, default 0.5), optimal (Gavish-Donoho hard
@@ -31,7 +31,7 @@ def register(sub) -> None:
     p = sub.add_parser("prune", help="cut weight matrices and measure agreement, KL and perplexity",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_argument(p)
-    p.add_argument("--strategy", required=True, choices=list(STRATEGIES), help="how each matrix is cut")
+    p.add_argument("--strategy", choices=list(STRATEGIES), help="how each matrix is cut (required unless --reference)")
     p.add_argument("--value", type=float, help="the strategy's threshold (see below for defaults)")
     p.add_argument("--scope", choices=list(SCOPES), default="all", help="which matrices are cut (default all)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
@@ -52,69 +52,82 @@ def register(sub) -> None:
                         "dict); the error message names the ones needed")
     p.add_argument("--scan", choices=["matrix", "role"],
                    help="also cut one matrix (or role) at a time and report the KL each causes alone")
+    p.add_argument("--reference", action="store_true",
+                   help=f"run every reference strategy ({', '.join(r.label for r in REFERENCE)}) in --scope and "
+                        "print them as one JSON list")
     p.set_defaults(run=run)
 
 
-def parse_override(text: str, precision: str) -> tuple[str, Strategy]:
+def parse_override(text: str) -> tuple[str, str, float | None]:
+    """--override MATRIX=STRATEGY[:VALUE] as (matrix, strategy, value)."""
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
         raise UsageError(f"--override {text!r}: expected MATRIX=STRATEGY[:VALUE]")
     strategy, _, value = spec.partition(":")
     try:
-        return name, Strategy(strategy, float(value) if value else None, precision)
+        parsed = float(value) if value else None
+        Strategy(strategy, parsed)  # validates the strategy and its value
     except ValueError as e:
         raise UsageError(f"--override {text!r}: {e}") from None
+    return name, strategy, parsed
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.value is not None and args.strategy not in DEFAULT_VALUES:
-        raise UsageError(f"--value does not apply to --strategy {args.strategy}")
-    if args.positions < 1:
-        raise UsageError(f"--positions must be positive, got {args.positions}")
-    try:
-        strategy = Strategy(args.strategy, args.value, args.precision)
-    except PlanError as e:
-        raise UsageError(str(e)) from None
-    overrides = dict(parse_override(o, args.precision) for o in args.override)
+def open_session(args: argparse.Namespace) -> WhatIfSession:
+    """The checkpoint's runtime and a what-if session on the evaluation batch the options describe."""
     text = None
     if args.text is not None:
         try:
             text = Path(args.text).read_text(encoding="utf-8", errors="replace")
         except OSError as e:
             raise UsageError(f"--text {args.text}: cannot read ({e.strerror or e})") from None
-
-    workspace = Workspace.open(args.checkpoint)
-    from models.registry import NotRunnable, runnable_model
-
+    runtime = ModelRuntime.open(args.checkpoint, hyperparameters=parse_config(args.config))
+    if runtime.runnable is None:
+        hint = ("; give " + ", ".join(f"--config {n.name}=..." for n in runtime.needs)) if runtime.needs else ""
+        raise CheckpointError(runtime.workspace.checkpoint.source,
+                              f"cannot be run, so no what-if ({runtime.why_not}){hint}; `analyze` still works")
     try:
-        runnable = runnable_model(workspace.checkpoint, config_overrides=parse_config(args.config) or None)
-    except NotRunnable as e:
-        hint = ("; give " + ", ".join(f"--config {n.name}=..." for n in e.needs)) if e.needs else ""
-        raise CheckpointError(e.source, f"cannot be run, so no what-if ({e.reason}){hint}; `analyze` still works") \
-            from None
-    try:
-        batch = make_eval_batch(runnable, text, positions=args.positions, seed=args.seed)
+        return WhatIfSession(runtime, BatchSpec(text, args.positions, args.seed))
     except EvaluationError as e:
         raise UsageError(f"--text {args.text}: {e}" if text is not None else str(e)) from None
-    whatif = WhatIf(workspace, runnable, batch=batch, settings=Settings(estimator=args.estimator))
-    progress = StderrProgress("singular values")
-    if strategy.name in ("mp", "optimal", "energy"):
-        workspace.spectra(progress)
-        progress.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.strategy is None and not args.reference:
+        raise UsageError("--strategy is required (or --reference for every reference strategy)")
+    args.strategy = args.strategy or "none"
+    if args.value is not None and args.strategy not in DEFAULT_VALUES:
+        raise UsageError(f"--value does not apply to --strategy {args.strategy}")
+    if args.positions < 1:
+        raise UsageError(f"--positions must be positive, got {args.positions}")
     try:
-        result = whatif.run(strategy, scope=args.scope, overrides=overrides)
+        Strategy(args.strategy, args.value, args.precision)
     except PlanError as e:
         raise UsageError(str(e)) from None
+    choice = Choice(args.strategy, args.value, args.scope, args.precision,
+                    tuple(parse_override(o) for o in args.override))
+    settings = Settings(estimator=args.estimator)
+    session = open_session(args)
+    if args.reference:
+        results = session.reference_results(args.scope, settings)
+        write_text(args.json, json.dumps([r.to_dict() for r in results], indent=2))
+        return 0
+    progress = StderrProgress("SVD factors")
+    try:
+        result = session.run(choice, settings, progress=progress)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        progress.close()
     out = result.to_dict()
     if args.scan:
         scan_progress = StderrProgress(f"sensitivity by {args.scan}")
-        out["sensitivity"] = whatif.scan(strategy, by=args.scan, scope=args.scope, progress=scan_progress)
+        out["sensitivity"] = session.scan(choice, by=args.scan, settings=settings, progress=scan_progress)
         scan_progress.close()
     for warning in out["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     if args.save:
         try:
-            save_pruned(whatif.pruner, args.save)
+            session.save(args.save)
         except OSError as e:
             raise UsageError(f"--save {args.save}: cannot write ({e.strerror or e})") from None
     text_out = json.dumps(out, indent=2)

@@ -21,5 +21,5 @@ def summary(doc: dict) -> str:
 
 
 def run(args) -> int:
-    return run_view(args, lambda ctx, progress: redundancy(ctx, names=args.matrix, seed=args.seed,
+    return run_view(args, lambda ctx, settings, progress: redundancy(ctx, names=args.matrix, seed=args.seed,
                                                            progress=progress), summary)

@@ -14,11 +14,17 @@ from pathlib import Path
 
 from spectral.analysis import Settings
 from spectral.checkpoint import CheckpointError
-from spectral.cli import UsageError
-from spectral.commands.common import StderrProgress, add_checkpoint_argument, probability, write_text
+from spectral.commands.common import (
+    StderrProgress,
+    UsageError,
+    add_checkpoint_argument,
+    probability,
+    write_text,
+)
 from spectral.evaluation import DEFAULT_POSITIONS, EvaluationError
 from spectral.noise import ESTIMATORS
-from spectral.research import NeedsForward, ResearchContext, ResearchError, jsonable
+from spectral.research.common import NeedsForward, ResearchError, jsonable
+from spectral.research.context import ResearchContext
 
 
 def add_arguments(p: argparse.ArgumentParser, *, evaluation: bool = True, settings: bool = False) -> None:
@@ -65,18 +71,17 @@ def open_context(args: argparse.Namespace) -> ResearchContext:
     positions = getattr(args, "positions", DEFAULT_POSITIONS)
     if positions < 1:
         raise UsageError(f"--positions must be positive, got {positions}")
-    settings = settings_of(args) if hasattr(args, "estimator") else Settings()
-    return ResearchContext.open(args.checkpoint, text=text, positions=positions, seed=getattr(args, "seed", 0),
-                                settings=settings)
+    return ResearchContext.open(args.checkpoint, text=text, positions=positions, seed=getattr(args, "seed", 0))
 
 
-def run_view(args: argparse.Namespace, compute: Callable[[ResearchContext, StderrProgress], object],
+def run_view(args: argparse.Namespace, compute: Callable[[ResearchContext, Settings, StderrProgress], object],
              summary: Callable[[dict], str]) -> int:
     """Open the context, compute the view, write its JSON; map the engine's errors onto the exit codes."""
+    settings = settings_of(args) if hasattr(args, "estimator") else Settings()
     ctx = open_context(args)
     progress = StderrProgress(args.command)
     try:
-        result = compute(ctx, progress)
+        result = compute(ctx, settings, progress)
     except NeedsForward as e:
         raise CheckpointError(e.source, e.problem) from None
     except (ResearchError, EvaluationError) as e:

@@ -27,5 +27,5 @@ def summary(doc: dict) -> str:
 
 def run(args) -> int:
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
-    return run_view(args, lambda ctx, progress: thresholds(ctx, confidences=args.confidences, estimators=estimators,
-                                                           matrices=args.matrix, progress=progress), summary)
+    return run_view(args, lambda ctx, settings, progress: thresholds(
+        ctx, confidences=args.confidences, estimators=estimators, matrices=args.matrix, progress=progress), summary)

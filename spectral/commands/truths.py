@@ -21,4 +21,4 @@ def summary(doc: dict) -> str:
 
 
 def run(args) -> int:
-    return run_view(args, lambda ctx, progress: truths(ctx, ctx.settings, progress=progress), summary)
+    return run_view(args, lambda ctx, settings, progress: truths(ctx, settings, progress=progress), summary)

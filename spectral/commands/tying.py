@@ -30,5 +30,5 @@ def summary(doc: dict) -> str:
 
 
 def run(args) -> int:
-    return run_view(args, lambda ctx, progress: tying(ctx, args.energies, names=args.matrix,
+    return run_view(args, lambda ctx, settings, progress: tying(ctx, args.energies, names=args.matrix,
                                                       cliff_agreement=args.cliff, progress=progress), summary)

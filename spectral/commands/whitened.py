@@ -25,5 +25,5 @@ def summary(doc: dict) -> str:
 
 
 def run(args) -> int:
-    return run_view(args, lambda ctx, progress: whitened(ctx, fractions=args.fractions, scope=args.scope,
+    return run_view(args, lambda ctx, settings, progress: whitened(ctx, fractions=args.fractions, scope=args.scope,
                                                          damping=args.damping, progress=progress), summary)

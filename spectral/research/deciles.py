@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from spectral.matrices import module_path
 from spectral.pruning import Cut, Plan, Strategy, band_bounds
-from spectral.research import Outcome, Progress, ResearchContext, _json
+from spectral.research.common import Outcome, Progress, ResearchError, _json
+from spectral.research.context import ResearchContext
 
 DECILES = 10
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -29,8 +31,6 @@ def matrix_type(info) -> str:
     """The role inside numbered blocks, else the module path (e.g. 'tok_emb')."""
     if _LAYER.search(info.name):
         return info.role
-    from spectral.matrices import module_path
-
     return module_path(info.name)
 
 
@@ -82,8 +82,6 @@ def deciles(ctx: ResearchContext, *, types: list[str] | None = None, progress: P
     if types is not None:
         unknown = [t for t in types if t not in groups]
         if unknown:
-            from spectral.research import ResearchError
-
             raise ResearchError(f"unknown matrix type {unknown[0]!r}; types here: {', '.join(groups)}")
         groups = {t: groups[t] for t in types}
     spectra = ctx.workspace.spectra()

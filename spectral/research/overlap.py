@@ -23,15 +23,9 @@ import numpy as np
 import torch
 
 from spectral.analysis import Settings
-from spectral.research import (
-    ActivationMoments,
-    Progress,
-    ResearchContext,
-    ResearchError,
-    _json,
-    blas_single_thread,
-    collect_input_moments,
-)
+from spectral.research.activations import ActivationMoments, collect_input_moments
+from spectral.research.common import Progress, ResearchError, _json, blas_single_thread
+from spectral.research.context import ResearchContext
 
 MC_SAMPLES = 2000
 CLASSES = ("signal", "bulk", "left")
@@ -145,7 +139,7 @@ def overlap(ctx: ResearchContext, settings: Settings | None = None, *, names: li
             mc_samples: int = MC_SAMPLES, seed: int = 0, progress: Progress | None = None) -> OverlapResult:
     """O_k for every matrix with a linear use (or `names`), from activations on the evaluation batch."""
     runnable = ctx.require_forward("overlap")
-    settings = settings or ctx.settings
+    settings = settings or Settings()
     ws = ctx.workspace
     analysis = ws.analyze(settings)
     wanted = [ws.info(n).name for n in names] if names is not None else [m.name for m in ws.matrices]

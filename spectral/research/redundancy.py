@@ -25,7 +25,8 @@ import numpy as np
 
 from spectral.metrics import participation_ratio
 from spectral.pruning import Cut, Plan, Strategy
-from spectral.research import Outcome, Progress, ResearchContext, _json
+from spectral.research.common import Outcome, Progress, _json
+from spectral.research.context import ResearchContext
 
 REPLACEMENTS = ("rank1", "random", "zero")
 

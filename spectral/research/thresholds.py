@@ -21,7 +21,8 @@ import numpy as np
 
 from spectral import mp, noise, spikes
 from spectral.pruning import Cut, Plan, Strategy
-from spectral.research import Outcome, Progress, ResearchContext, ResearchError, _json, pearson
+from spectral.research.common import Outcome, Progress, ResearchError, _json, pearson
+from spectral.research.context import ResearchContext
 from spectral.tracy_widom import tw1_ppf
 
 CONFIDENCES = (0.5, 0.8, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)

@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from spectral.analysis import Settings, factorised_params, role_table
-from spectral.pruning import Strategy
-from spectral.research import Outcome, Progress, ResearchContext, _json
+from spectral.pruning import Strategy, make_plan
+from spectral.research.common import Outcome, Progress, _json
+from spectral.research.context import ResearchContext
 from spectral.tracy_widom import tw1_ppf
 
 ENERGY_LEVELS = (0.999, 0.995, 0.99, 0.98)  # the study's table 2.2
@@ -68,8 +69,7 @@ class TruthsResult:
 def truths(ctx: ResearchContext, settings: Settings | None = None, *, rules: list[tuple[str, Strategy]] | None = None,
            progress: Progress | None = None) -> TruthsResult:
     """Both readings of every matrix type, and what each pruning rule does to the model's outputs."""
-    settings = settings or ctx.settings
-    ctx.settings = settings
+    settings = settings or Settings()
     analysis = ctx.workspace.analyze(settings, progress=progress)
     by_role: dict[str, list] = {}
     for r in analysis.matrices:
@@ -104,7 +104,7 @@ def truths(ctx: ResearchContext, settings: Settings | None = None, *, rules: lis
         if progress:
             progress(i, len(rules), label)
         if ctx.runs:
-            plan = ctx.whatif.plan(strategy)
+            plan = make_plan(ctx.workspace, strategy, settings=settings)
             prune, outcome = ctx.run_plan(plan)
             results.append(RuleResult(label, strategy.name, strategy.value, strategy.precision, prune.params_after,
                                       prune.compression, outcome))

@@ -36,7 +36,9 @@ import numpy as np
 
 from spectral.metrics import energy_rank
 from spectral.pruning import low_rank, relative_error_from_spectrum
-from spectral.research import Outcome, Progress, ResearchContext, ResearchError, _json
+from spectral.research.activations import module_uses
+from spectral.research.common import Outcome, Progress, ResearchError, _json
+from spectral.research.context import ResearchContext
 
 ENERGY_LEVELS = (0.99999, 0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9)
 CONDITIONS = ("tied", "input", "output")
@@ -165,8 +167,6 @@ class TyingResult:
 def tied_matrices(ctx: ResearchContext) -> list[str]:
     """Matrices the module reads at two or more places (weight tying)."""
     runnable = ctx.require_forward("tying")
-    from spectral.research import module_uses
-
     return [info.name for info in ctx.workspace.matrices if len(module_uses(runnable, info)) >= 2]
 
 

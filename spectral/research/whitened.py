@@ -30,15 +30,9 @@ import torch
 from scipy.linalg import solve_triangular
 
 from spectral.pruning import in_scope
-from spectral.research import (
-    Outcome,
-    Progress,
-    ResearchContext,
-    ResearchError,
-    _json,
-    blas_single_thread,
-    collect_input_moments,
-)
+from spectral.research.activations import collect_input_moments, module_uses
+from spectral.research.common import Outcome, Progress, ResearchError, _json, blas_single_thread
+from spectral.research.context import ResearchContext
 
 KEPT_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 DAMPING = 1e-5  # ε = DAMPING · tr(C)/n added to C before the Cholesky factorisation
@@ -131,8 +125,6 @@ def whitened(ctx: ResearchContext, *, fractions=KEPT_FRACTIONS, scope: str = "al
         raise ResearchError("damping must be positive")
     in_scope("", scope)
     ws = ctx.workspace
-    from spectral.research import module_uses
-
     candidates, skipped = [], []
     for info in ws.matrices:
         if not in_scope(info.role, scope):

@@ -1,6 +1,6 @@
 """Drive the real app in Debian's Chromium: start `streamlit run`, wait for it, and wait for reruns to finish.
 
-Used by tests/test_browser.py and bench/bench_browser.py (not by the app itself). Playwright's own browser download is
+Used by tests/test_browser.py and bench/bench_browser.py; not part of the app. Playwright's own browser download is
 not needed: Chromium comes from the system (`apt-get install chromium`), or $SPECTRA_CHROMIUM.
 """
 from __future__ import annotations
