@@ -1,0 +1,358 @@
+"""The spectra map on a real Ray cluster (spectral/distributed.py) and the device choice (spectral/devices.py).
+
+The cluster is real: `ray start --head` on 127.0.0.1 with two worker CPUs, shared by the module and stopped in the
+fixture's finalizer. Oracles: the local run (`Workspace.spectra` / `Workspace.factors`) on the same checkpoint, and
+numpy's float64 SVD for the device routes.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray gives this machine 127.0.0.1 (read at import)
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # the driver presents the cluster's token (Ray's default auth)
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spectral.analysis import Spectrum
+from spectral.checkpoint import load_checkpoint, load_checkpoint_bytes
+from spectral.devices import CPU, Device, DeviceError, float32_error, resolve_device, singular_values_on
+from spectral.distributed import TASK_NAME, DistributedError, Job, RayMap, resolve_address
+from spectral.spectra import singular_values
+from spectral.workspace import Workspace
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).with_name("ray")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same_spectra(remote: dict, local: dict[str, Spectrum], *, exact: bool = False) -> None:
+    """Every field equal; singular values to 1e-10 of the largest (bit for bit when `exact`)."""
+    assert list(remote) == list(local)
+    for name, want in local.items():
+        got = remote[name]
+        assert isinstance(got, Spectrum), f"{name}: {got}"
+        assert (got.name, got.shape, got.role, got.tied_with) == (want.name, want.shape, want.role, want.tied_with)
+        assert got.singular_values.dtype == np.float64 and got.singular_values.shape == want.singular_values.shape
+        if exact:
+            assert np.array_equal(got.singular_values, want.singular_values), name
+        else:
+            gap = np.max(np.abs(got.singular_values - want.singular_values))
+            assert gap <= 1e-10 * want.singular_values[0], (name, gap)
+
+
+def local_run(checkpoint) -> tuple[dict[str, Spectrum], dict[str, str]]:
+    ws = Workspace(checkpoint)
+    spectra = ws.spectra()
+    return spectra, {item["name"]: item["reason"] for item in ws.skipped}
+
+
+def split(remote: dict) -> tuple[dict, dict]:
+    return ({k: v for k, v in remote.items() if not isinstance(v, str)},
+            {k: v for k, v in remote.items() if isinstance(v, str)})
+
+
+def mixed_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Matrices of several kinds: wide/tall float32, bf16, a conv kernel, a tied pair, a NaN matrix, a bias."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(300, 64, generator=g)
+    nan = torch.randn(40, 50, generator=g)
+    nan[3, 7] = float("nan")
+    return {
+        "tok_emb.weight": emb, "lm_head.weight": emb.clone(),
+        "blocks.0.attn.c_attn.weight": torch.randn(192, 64, generator=g),
+        "blocks.0.mlp.c_fc.weight": torch.randn(256, 64, generator=g).to(torch.bfloat16),
+        "blocks.0.mlp.c_proj.weight": torch.randn(64, 256, generator=g),
+        "blocks.0.mlp.c_proj.bias": torch.randn(64, generator=g),
+        "conv.weight": torch.randn(16, 8, 3, 3, generator=g),
+        "broken.weight": nan,
+    }
+
+
+def write_sharded_folder(folder: Path, state: dict[str, torch.Tensor], shards: list[list[str]]) -> Path:
+    """A Hugging Face layout: model-0000i-of-0000n.safetensors shards and their index."""
+    folder.mkdir()
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        shard = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: state[n] for n in names}, str(folder / shard))
+        weight_map.update({n: shard for n in names})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ the cluster
+
+@pytest.fixture(scope="module")
+def cluster():
+    """`ray start --head` on 127.0.0.1 with 2 CPUs (and its dashboard, for the state API); stopped afterwards."""
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_task_events_report_interval_ms": "100"}
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+         "--disable-usage-stats"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rmap = connect(f"127.0.0.1:{port}", head)
+        yield rmap
+        rmap.close()
+    finally:
+        stop(head)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def connect(address: str, head: subprocess.Popen) -> RayMap:
+    """A RayMap on the cluster once its GCS port answers (ray.init on a port not yet open waits long)."""
+    host, port = address.split(":")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                break
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start --head did not open {address}") from None
+            time.sleep(0.2)
+    return RayMap(address)
+
+
+def stop(head: subprocess.Popen) -> None:
+    """SIGTERM to `ray start --block` stops the processes it started; any left in its session are killed by pid."""
+    session = head.pid
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == session:
+                proc.kill()
+        except (ProcessLookupError, psutil.Error):
+            pass
+
+
+# ------------------------------------------------------------------------------------------ address and Ray
+
+def test_address_comes_from_the_argument_then_ray_address(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    assert resolve_address("local") == "local"
+    assert resolve_address(None) == "10.1.2.3:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(DistributedError) as info:
+        resolve_address(None)
+    assert "--ray ADDRESS" in str(info.value) and "RAY_ADDRESS" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_without_ray_the_error_names_the_pip_command():
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from spectral.distributed import RayMap, DistributedError\n"
+            "try:\n    RayMap('local')\nexcept DistributedError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.stdout.strip().endswith('pip install "ray[default]"'), out.stdout + out.stderr
+    assert len(out.stdout.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- devices
+
+def test_cpu_and_auto_resolve_without_a_gpu():
+    assert resolve_device("cpu") == CPU and CPU.dtype == torch.float64
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == CPU
+        assert resolve_device(" AUTO ") == CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_asked_for_and_absent_is_one_clear_line():
+    with pytest.raises(DeviceError) as info:
+        resolve_device("cuda")
+    message = str(info.value)
+    assert "\n" not in message and "no CUDA GPU" in message and "--device cpu" in message
+
+
+def test_unknown_device_names_the_choices():
+    with pytest.raises(DeviceError, match="auto, cpu, cuda"):
+        resolve_device("tpu")
+
+
+def test_cpu_device_is_the_local_route_itself():
+    w = torch.randn(70, 130, generator=torch.Generator().manual_seed(1))
+    assert np.array_equal(singular_values_on(w, CPU), singular_values(w))
+
+
+def test_float64_device_route_matches_numpy_svd_including_near_singular_matrices():
+    g = torch.Generator().manual_seed(2)
+    full = torch.randn(90, 60, generator=g, dtype=torch.float64)
+    low = torch.randn(90, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 60, generator=g, dtype=torch.float64)
+    generic = Device("cpu", torch.float64, "the device route, run on the CPU")  # not CPU: takes the GPU code path
+    for w in (full, low):  # `low` has s_min/s_max ~ 1e-16: the Gram route hands over to the SVD
+        want = np.linalg.svd(w.numpy(), compute_uv=False)
+        got = singular_values_on(w, generic)
+        assert np.max(np.abs(got - want)) <= 1e-12 * want[0]
+    assert np.max(np.abs(singular_values_on(low, generic)[5:])) < 1e-12 * np.linalg.norm(low.numpy(), 2)
+
+
+def test_float32_route_error_is_measured_against_float64():
+    w = torch.randn(200, 120, generator=torch.Generator().manual_seed(3))
+    single = Device("cpu", torch.float32, "float32 route on the CPU")
+    want = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    error = float32_error(w, single)
+    assert error == pytest.approx(np.max(np.abs(singular_values_on(w, single) - want)) / want[0], rel=1e-6, abs=1e-12)
+    assert 0 < error < 1e-5  # float32 carries ~7 digits of s_max, float64 ~16
+    assert single.describe() == "cpu (float32 route on the CPU, float32)"
+
+
+# ---------------------------------------------------------------------------------------------- the cluster
+
+@pytest.mark.slow
+def test_demo_on_the_cluster_equals_the_local_run(cluster):
+    ws = Workspace.open("demo")
+    local = ws.spectra()
+    seen = []
+    remote = cluster.spectra(ws.checkpoint, ws.matrices, progress=lambda i, n, label: seen.append((i, n)))
+    assert_same_spectra(remote, local)
+    assert seen[-1] == (len(ws.matrices), len(ws.matrices))
+    assert [i for i, _ in seen] == sorted(i for i, _ in seen)
+    torch_threads = torch.get_num_threads()
+    try:  # the workers run one thread each: with the same thread count the local route gives the same bits
+        torch.set_num_threads(1)
+        single = Workspace(load_checkpoint("demo")).spectra()
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert_same_spectra(remote, single, exact=True)
+    assert "2 CPUs on 1 node" in cluster.describe()
+
+
+@pytest.mark.slow
+def test_a_written_safetensors_file_equals_the_local_run_with_skips_and_factors(cluster, tmp_path):
+    path = tmp_path / "mixed.safetensors"
+    save_file(mixed_state(), str(path))
+    checkpoint = load_checkpoint(path)
+    local, local_skipped = local_run(checkpoint)
+    spectra, skipped = split(cluster.spectra(checkpoint))
+    assert_same_spectra(spectra, local)
+    assert skipped == local_skipped == {"broken.weight": "1 NaN/Inf values: matrix skipped"}
+    assert spectra["tok_emb.weight"].tied_with == ("lm_head.weight",) and "conv.weight" in spectra
+
+    ws = Workspace(checkpoint)
+    wanted = [ws.info("blocks.0.attn.c_attn.weight"), ws.info("conv.weight")]
+    factors = cluster.factors(checkpoint, wanted)
+    for info in wanted:
+        U, S, Vh = factors[info.name]
+        U0, S0, Vh0 = ws.factors(info.name)
+        assert U.dtype == S.dtype == Vh.dtype == torch.float32 and U.shape == U0.shape and Vh.shape == Vh0.shape
+        assert torch.allclose(S, S0, rtol=1e-6)
+        assert torch.allclose(U @ torch.diag(S) @ Vh, ws.weight(info.name).float(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_an_upload_travels_through_the_object_store(cluster, tmp_path):
+    path = tmp_path / "upload.safetensors"
+    save_file(mixed_state(seed=5), str(path))
+    data = path.read_bytes()
+    path.unlink()  # nothing on disk: the workers can only get the bytes from Ray's object store
+    upload = load_checkpoint_bytes(data, "upload.safetensors")
+    local, local_skipped = local_run(upload)
+    for remote in (cluster.spectra(upload, upload=data),  # one ray.put of the file's bytes
+                   cluster.spectra(upload)):  # no bytes given: one ray.put per tensor
+        spectra, skipped = split(remote)
+        assert_same_spectra(spectra, local)
+        assert skipped == local_skipped
+
+
+@pytest.mark.slow
+def test_several_checkpoints_in_one_map(cluster, tmp_path):
+    demo = load_checkpoint("demo")
+    paths = []
+    for seed in (1, 2):
+        state = {name: demo.tensor(name) for name in demo.names()}
+        state["blocks.0.mlp.c_fc.weight"] = state["blocks.0.mlp.c_fc.weight"] + 0.01 * seed
+        paths.append(tmp_path / f"step{seed}.safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(paths[-1]))
+    checkpoints = [demo] + [load_checkpoint(p) for p in paths]
+    remote = cluster.spectra_many([checkpoints[0], Job(checkpoints[1]), checkpoints[2]])
+    assert len(remote) == 3
+    for got, checkpoint in zip(remote, checkpoints):
+        assert_same_spectra(got, local_run(checkpoint)[0])
+    assert not np.array_equal(remote[1]["blocks.0.mlp.c_fc.weight"].singular_values,
+                              remote[2]["blocks.0.mlp.c_fc.weight"].singular_values)
+
+
+@pytest.mark.slow
+def test_an_unreadable_shard_is_reported_for_its_matrix_and_the_rest_complete(cluster, tmp_path):
+    state = mixed_state(seed=7)
+    del state["broken.weight"]
+    names = list(state)
+    folder = write_sharded_folder(tmp_path / "sharded", state, [names[:-1], names[-1:]])
+    checkpoint = load_checkpoint(folder)
+    local, _ = local_run(checkpoint)
+    last = folder / "model-00002-of-00002.safetensors"
+    last.write_bytes(last.read_bytes()[:-100])  # cut short after the driver opened the folder
+    spectra, failed = split(cluster.spectra(checkpoint))
+    assert list(failed) == ["conv.weight"]
+    assert "model-00002-of-00002.safetensors" in failed["conv.weight"] and "truncated" in failed["conv.weight"]
+    assert_same_spectra(spectra, {k: v for k, v in local.items() if k != "conv.weight"})
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_does_not_lose_the_job(cluster, tmp_path):
+    g = torch.Generator().manual_seed(11)
+    state = {f"layers.{i}.mlp.up_proj.weight": torch.randn(1500, 1200, generator=g) for i in range(4)}
+    path = tmp_path / "big.safetensors"
+    save_file(state, str(path))
+    checkpoint = load_checkpoint(path)
+    local, _ = local_run(checkpoint)
+    killed: list[int] = []
+
+    def kill_one_busy_worker():
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            busy = cluster.busy_workers()
+            if busy:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_one_busy_worker)
+    killer.start()
+    remote = cluster.spectra(checkpoint)
+    killer.join()
+    assert killed and not psutil.pid_exists(killed[0])
+    assert_same_spectra(remote, local)
+    assert retried_tasks() >= 1  # the task on the killed worker ran again
+
+
+def retried_tasks() -> int:
+    """How many spectra tasks Ray ran more than once (its state API; task events arrive within a second)."""
+    from ray.util.state import list_tasks
+
+    deadline = time.monotonic() + 15
+    while True:
+        tasks = list_tasks(filters=[("name", "=", TASK_NAME)], limit=10_000, raise_on_missing_output=False)
+        retried = {t.task_id for t in tasks if t.attempt_number >= 1}
+        if retried or time.monotonic() > deadline:
+            return len(retried)
+        time.sleep(0.5)
