@@ -5,8 +5,8 @@ tensor count u64, key/value count u64, the key/values, then per tensor (name, n_
 first, ggml type u32, offset u64), padding to `general.alignment` (default 32), then the data. llama.cpp's reader
 (ggml/src/gguf.cpp) requires each tensor to start where the previous one ends, padded to the alignment; so does this
 one. The header is parsed here rather than by `gguf.GGUFReader`, which trusts what the file declares (an array
-length of 2^60 runs its loop, an unknown type code fails the whole file, a short file surfaces as an IndexError):
-every count, length, offset and size is checked against the bytes present before it is used. The gguf library
+declared 2^50 items long keeps it looping, an unknown type code fails the whole file, a short file surfaces as an
+IndexError): every count, length, offset and size is checked against the bytes present before it is used. The gguf library
 supplies the type tables and the dequantisation (`gguf.quants.dequantize`), applied to one tensor at a time through
 its own memory map, so memory stays near the largest matrix.
 

