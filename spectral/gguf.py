@@ -6,9 +6,10 @@ first, ggml type u32, offset u64), padding to `general.alignment` (default 32), 
 (ggml/src/gguf.cpp) requires each tensor to start where the previous one ends, padded to the alignment; so does this
 one. The header is parsed here rather than by `gguf.GGUFReader`, which trusts what the file declares (an array
 declared 2^50 items long keeps it looping, an unknown type code fails the whole file, a short file surfaces as an
-IndexError): every count, length, offset and size is checked against the bytes present before it is used. The gguf library
-supplies the type tables and the dequantisation (`gguf.quants.dequantize`), applied to one tensor at a time through
-its own memory map, so memory stays near the largest matrix.
+IndexError): every count, length, offset and size is checked against the bytes present before it is used. The gguf
+library supplies the type tables and the dequantisation (`gguf.quants.dequantize`), applied to one tensor at a time
+through a memory map of the descriptor opened with the file (no path is reopened later; a file changed on disk since
+is refused), so memory stays near the largest matrix.
 
 Names and layout: GGUF dims are stored fastest-first, so a (rows = out features) x (cols = in features) weight is
 declared [cols, rows]; shapes here are reversed to PyTorch's orientation. Where `transformers` knows the architecture,
@@ -27,10 +28,13 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import reprlib
+import stat
 import struct
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib.metadata import version as _package_version
@@ -130,22 +134,31 @@ def open_gguf(source: str | os.PathLike | bytes | bytearray | memoryview, *, hf_
     Hugging Face names in Hugging Face layout; otherwise under their GGUF names. Raises `GGUFError`."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = memoryview(source).cast("B")
-        return GGUFFile(_parse(data, len(data)), path=None, data=data, hf_names=hf_names)
-    path = Path(source)
+        return GGUFFile(_parse(data, len(data)), fd=None, data=data, hf_names=hf_names)
+    fd = _open_descriptor(Path(source))
     try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise GGUFError("empty file (0 bytes)")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)
-                try:
-                    header = _parse(view, size)
-                finally:
-                    view.release()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise GGUFError("not a regular file")
+        if info.st_size == 0:
+            raise GGUFError("empty file (0 bytes)")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                header = _parse(view, info.st_size)
+            finally:
+                view.release()
+    except BaseException:
+        os.close(fd)
+        raise
+    return GGUFFile(header, fd=fd, data=None, hf_names=hf_names)
+
+
+def _open_descriptor(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise GGUFError(f"cannot read: {e.strerror or e}") from None
-    return GGUFFile(header, path=path, data=None, hf_names=hf_names)
 
 
 # --------------------------------------------------------------------------------------------------------- the file
@@ -170,8 +183,13 @@ class GGUFFile:
     `config` is the Hugging Face config (the dict a config.json would hold) where transformers can build one, else
     None; `notes` says, one line each, what could not be done and why."""
 
-    def __init__(self, header: _Header, *, path: Path | None, data: memoryview | None, hf_names: bool):
-        self._header, self._path, self._data = header, path, data
+    def __init__(self, header: _Header, *, fd: int | None, data: memoryview | None, hf_names: bool):
+        self._header, self._fd, self._data = header, fd, data
+        self._stamp = None
+        if fd is not None:  # the descriptor opened with the file is the only way back to it: no path reopened later
+            st = os.fstat(fd)
+            self._stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+            weakref.finalize(self, os.close, fd)
         self.version, self.size, self.metadata = header.version, header.size, header.metadata
         arch = header.metadata.get("general.architecture")
         self.architecture: str | None = arch if isinstance(arch, str) and arch else None
@@ -203,7 +221,7 @@ class GGUFFile:
         try:
             return self.tensors[name]
         except KeyError:
-            raise GGUFError(f"no tensor named {name!r}") from None
+            raise GGUFError(f"no tensor named {_quote(name)}") from None
 
     def refused(self) -> dict[str, str]:
         """Tensors that cannot be dequantised, with the reason; every other tensor reads."""
@@ -223,7 +241,7 @@ class GGUFFile:
         """The tensor `name` dequantised to float32 in its presented layout, read now; the caller owns it."""
         info = self.info(name)
         if info.refusal:
-            raise GGUFError(f"tensor {name!r} ({info.type_name}): {info.refusal}")
+            raise GGUFError(f"tensor {_quote(name)} ({info.type_name}): {info.refusal}")
         values = self._with_raw(info, lambda raw: _dequantize(raw, info))
         if info.name != info.gguf_name:
             values = self._to_hf_layout(values, info)
@@ -265,19 +283,18 @@ class GGUFFile:
         if self._data is not None:
             return use(np.frombuffer(self._data, dtype=np.uint8, count=info.nbytes, offset=info.offset))
         try:
-            with self._path.open("rb") as f:
-                if os.fstat(f.fileno()).st_size != self.size:
-                    raise GGUFError(f"the file changed since it was opened (it had {self.size} bytes)")
-                start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-                with mmap.mmap(f.fileno(), info.offset + info.nbytes - start, offset=start,
-                               access=mmap.ACCESS_READ) as mm:
-                    raw = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset - start)
-                    try:
-                        return use(raw)
-                    finally:
-                        del raw  # the map cannot close while an array views it
+            st = os.fstat(self._fd)
+            if (st.st_size, st.st_mtime_ns, st.st_ino) != self._stamp:
+                raise GGUFError("changed on disk since it was opened; open it again")
+            start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(self._fd, info.offset + info.nbytes - start, offset=start, access=mmap.ACCESS_READ) as mm:
+                raw = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset - start)
+                try:
+                    return use(raw)
+                finally:
+                    del raw  # the map cannot close while an array views it
         except OSError as e:
-            raise GGUFError(f"cannot read tensor {info.name!r}: {e.strerror or e}") from None
+            raise GGUFError(f"cannot read tensor {_quote(info.name)}: {e.strerror or e}") from None
 
     def _compute_noise(self, info: GGUFTensorInfo) -> QuantNoise:
         kind = info.type_name
@@ -313,8 +330,7 @@ class GGUFFile:
         with tempfile.TemporaryDirectory(prefix="spectra-gguf-") as folder, contextlib.ExitStack() as stack:
             source = self._data
             if source is None:
-                f = stack.enter_context(self._path.open("rb"))
-                mm = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+                mm = stack.enter_context(mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ))
                 source = memoryview(mm)
                 stack.callback(source.release)
             target = Path(folder) / "header.gguf"
@@ -337,7 +353,7 @@ class GGUFFile:
                 hf_config = transformers.AutoConfig.from_pretrained(str(copy.parent), gguf_file=copy.name,
                                                                     local_files_only=True)
         except Exception as e:  # noqa: BLE001 - an architecture transformers cannot map is a note, not a failure
-            self.notes.append(f"transformers has no config for GGUF architecture {self.architecture!r} "
+            self.notes.append(f"transformers has no config for GGUF architecture {_quote(self.architecture)} "
                               f"({_first_line(e)}): tensors keep their GGUF names")
             return None, None
         tokens = self._header.counts.get("tokenizer.ggml.tokens")
@@ -359,7 +375,8 @@ class GGUFFile:
             return
         arch_enum = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
         if arch_enum is None:
-            self.notes.append(f"gguf {GGUF_LIBRARY} has no tensor names for architecture {arch!r}: GGUF names kept")
+            self.notes.append(f"gguf {GGUF_LIBRARY} has no tensor names for architecture {_quote(arch)}: GGUF "
+                              "names kept")
             return
         try:
             with _quiet_transformers(), torch.device("meta"):
@@ -408,7 +425,7 @@ class GGUFFile:
             values = np.asarray(result.weights)
         if values.shape != info.shape:
             if tuple(d for d in values.shape if d != 1) != tuple(d for d in info.shape if d != 1):
-                raise GGUFError(f"tensor {info.name!r}: the {self.architecture} conversion gave shape "
+                raise GGUFError(f"tensor {_quote(info.name)}: the {self.architecture} conversion gave shape "
                                 f"{list(values.shape)}, the Hugging Face model has {list(info.shape)}")
             values = values.reshape(info.shape)  # only unit dimensions differ (an unsqueezed bias or conv)
         return values
@@ -543,10 +560,15 @@ class _Cursor:
         except UnicodeDecodeError:
             raise GGUFError(f"bogus header: {what} is not valid UTF-8") from None
 
-    def skip_string(self, what: str) -> None:
-        n = self.unpack("<Q", 8, f"the length of {what}")
-        self.need(n, what)
-        self.pos += n
+    def skip_strings(self, count: int, shown: str) -> None:
+        """Step over `count` strings (a vocabulary), checking each length, decoding none."""
+        buf, size, pos = self.buf, self.size, self.pos
+        for j in range(count):
+            if size - pos < 8 or struct.unpack_from("<Q", buf, pos)[0] > size - pos - 8:
+                self.pos = pos
+                raise GGUFError(f"truncated file: item {j} of {shown} runs past the end at offset {pos}")
+            pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+        self.pos = pos
 
 
 def _parse(buf: memoryview, size: int) -> _Header:
@@ -556,7 +578,7 @@ def _parse(buf: memoryview, size: int) -> _Header:
     cur = _Cursor(buf, size)
     cur.need(4, "the magic bytes")
     if bytes(buf[:4]) != MAGIC:
-        raise GGUFError(f"not a GGUF file (first bytes {bytes(buf[:8]).hex(' ')})")
+        raise GGUFError("not a GGUF file (no GGUF magic bytes)")
     cur.pos = 4
     version = cur.unpack("<I", 4, "the version")
     if version and version & 0xFFFF == 0:  # gguf.GGUFReader's test for a file written on a big-endian machine
@@ -577,30 +599,33 @@ def _parse(buf: memoryview, size: int) -> _Header:
         start = cur.pos
         key = cur.string(f"metadata key {i}", MAX_NAME_BYTES)
         if key in metadata:
-            raise GGUFError(f"bogus header: metadata key {key!r} appears twice")
-        kind = cur.unpack("<I", 4, f"the type of metadata {key!r}")
+            raise GGUFError(f"bogus header: metadata key {_quote(key)} appears twice")
+        kind = cur.unpack("<I", 4, f"the type of metadata key {i}")
         metadata[key] = _read_value(cur, kind, key, counts, depth=0)
         spans[key] = (start, cur.pos)
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not (type(alignment) is int and alignment > 0 and alignment & (alignment - 1) == 0):
-        raise GGUFError(f"bogus header: general.alignment {alignment!r} is not a positive power of two")
+        raise GGUFError(f"bogus header: general.alignment {_quote(alignment)} is not a positive power of two")
 
     entries = []
     seen: set[str] = set()
     for i in range(n_tensors):
         name = cur.string(f"the name of tensor {i}", MAX_NAME_BYTES)
-        if not name or name in seen:
-            raise GGUFError(f"bogus header: tensor {i} has {'an empty name' if not name else f'the name {name!r} again'}")
+        if not name:
+            raise GGUFError(f"bogus header: tensor {i} has an empty name")
+        shown = _quote(name)
+        if name in seen:
+            raise GGUFError(f"bogus header: tensor {i} has the name {shown} again")
         seen.add(name)
-        n_dims = cur.unpack("<I", 4, f"the dimension count of {name!r}")
+        n_dims = cur.unpack("<I", 4, f"the dimension count of {shown}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise GGUFError(f"bogus header: tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
-        dims = [cur.unpack("<Q", 8, f"the dimensions of {name!r}") for _ in range(n_dims)]
+            raise GGUFError(f"bogus header: tensor {shown} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
+        dims = [cur.unpack("<Q", 8, f"the dimensions of {shown}") for _ in range(n_dims)]
         if min(dims) == 0 or _numel(dims) > 8 * size:  # no type stores more than 8 values per byte
-            raise GGUFError(f"bogus header: tensor {name!r} has dimensions {dims}, more than the file can hold")
-        type_id = cur.unpack("<I", 4, f"the type of {name!r}")
-        offset = cur.unpack("<Q", 8, f"the offset of {name!r}")
+            raise GGUFError(f"bogus header: tensor {shown} has dimensions {dims}, more than the file can hold")
+        type_id = cur.unpack("<I", 4, f"the type of {shown}")
+        offset = cur.unpack("<Q", 8, f"the offset of {shown}")
         entries.append((name, dims, type_id, offset))
     data_start = -(-cur.pos // alignment) * alignment
     return _Header(version, size, metadata, spans, counts, _tensor_table(entries, alignment, data_start, size),
@@ -614,22 +639,22 @@ def _tensor_table(entries: list, alignment: int, data_start: int, size: int) -> 
     tensors: list[GGUFTensorInfo] = []
     expected: int | None = 0  # the offset the next tensor must have; None after an unknown type (size unknown)
     for i, (name, dims, type_id, offset) in enumerate(entries):
-        shape = tuple(reversed(dims))
+        shape, shown = tuple(reversed(dims)), _quote(name)
         qtype = GGMLQuantizationType._value2member_map_.get(type_id)
         if offset % alignment:
-            raise GGUFError(f"bogus header: tensor {name!r} has offset {offset}, not a multiple of the alignment "
+            raise GGUFError(f"bogus header: tensor {shown} has offset {offset}, not a multiple of the alignment "
                             f"{alignment}")
         if expected is not None and offset != expected:
-            raise GGUFError(f"bogus header: tensor {name!r} has offset {offset}, expected {expected} (a gap or an "
+            raise GGUFError(f"bogus header: tensor {shown} has offset {offset}, expected {expected} (a gap or an "
                             "overlap)")
         if data_start + offset > size:
-            raise GGUFError(f"truncated file: tensor {name!r} starts at byte {data_start + offset}, past the end of "
+            raise GGUFError(f"truncated file: tensor {shown} starts at byte {data_start + offset}, past the end of "
                             f"the {size}-byte file")
         if qtype is None or qtype not in GGML_QUANT_SIZES:
             following = [e[3] for e in entries[i + 1:i + 2]]
             end = data_start + following[0] if following else size
             if end < data_start + offset:
-                raise GGUFError(f"bogus header: tensor {entries[i + 1][0]!r} starts before tensor {name!r}")
+                raise GGUFError(f"bogus header: tensor {_quote(entries[i + 1][0])} starts before tensor {shown}")
             tensors.append(GGUFTensorInfo(name, name, shape, shape, f"type {type_id}", data_start + offset,
                                           end - data_start - offset, f"unknown ggml type {type_id} (not in gguf "
                                                                      f"{GGUF_LIBRARY})"))
@@ -637,11 +662,11 @@ def _tensor_table(entries: list, alignment: int, data_start: int, size: int) -> 
             continue
         block_size, type_size = GGML_QUANT_SIZES[qtype]
         if dims[0] % block_size:
-            raise GGUFError(f"bogus header: tensor {name!r} of type {qtype.name} has rows of {dims[0]} values, not a "
+            raise GGUFError(f"bogus header: tensor {shown} of type {qtype.name} has rows of {dims[0]} values, not a "
                             f"multiple of its block size {block_size}")
         nbytes = _numel(dims) // block_size * type_size
         if data_start + offset + nbytes > size:
-            raise GGUFError(f"truncated file: tensor {name!r} ({qtype.name}, shape {list(shape)}) needs bytes up to "
+            raise GGUFError(f"truncated file: tensor {shown} ({qtype.name}, shape {list(shape)}) needs bytes up to "
                             f"{data_start + offset + nbytes}, the file has {size}")
         tensors.append(GGUFTensorInfo(name, name, shape, shape, qtype.name, data_start + offset, nbytes,
                                       _refusal(qtype)))
@@ -651,20 +676,21 @@ def _tensor_table(entries: list, alignment: int, data_start: int, size: int) -> 
 
 def _read_value(cur: _Cursor, kind: int, key: str, counts: dict[str, int], depth: int):
     """One metadata value; arrays longer than KEPT_ARRAY_ITEMS are walked and checked but kept as a `GGUFArray`."""
+    shown = _quote(key)
     kind = GGUFValueType._value2member_map_.get(kind)
     if kind is None:
-        raise GGUFError(f"bogus header: metadata {key!r} has an unknown value type")
+        raise GGUFError(f"bogus header: metadata {shown} has an unknown value type")
     if kind in _SCALAR:
-        return cur.unpack(*_SCALAR[kind], f"metadata {key!r}")
+        return cur.unpack(*_SCALAR[kind], f"metadata {shown}")
     if kind == GGUFValueType.STRING:
-        return cur.string(f"metadata {key!r}")
-    item_kind = GGUFValueType._value2member_map_.get(cur.unpack("<I", 4, f"the item type of {key!r}"))
-    count = cur.unpack("<Q", 8, f"the length of {key!r}")
+        return cur.string(f"metadata {shown}")
+    item_kind = GGUFValueType._value2member_map_.get(cur.unpack("<I", 4, f"the item type of {shown}"))
+    count = cur.unpack("<Q", 8, f"the length of {shown}")
     if item_kind is None:
-        raise GGUFError(f"bogus header: metadata {key!r} is an array of an unknown value type")
+        raise GGUFError(f"bogus header: metadata {shown} is an array of an unknown value type")
     smallest = _SCALAR[item_kind][1] if item_kind in _SCALAR else 8 if item_kind == GGUFValueType.STRING else 12
     if count > MAX_ARRAY_ITEMS or count * smallest > cur.left():
-        raise GGUFError(f"bogus header: metadata {key!r} declares {count} items, more than the {cur.left()} bytes "
+        raise GGUFError(f"bogus header: metadata {shown} declares {count} items, more than the {cur.left()} bytes "
                         "left can hold")
     if depth == 0:
         counts[key] = count
@@ -676,12 +702,11 @@ def _read_value(cur: _Cursor, kind: int, key: str, counts: dict[str, int], depth
         return kept
     if item_kind == GGUFValueType.STRING:
         if count <= KEPT_ARRAY_ITEMS:
-            return [cur.string(f"item {j} of {key!r}") for j in range(count)]
-        for j in range(count):
-            cur.skip_string(f"item {j} of {key!r}")
+            return [cur.string(f"item {j} of {shown}") for j in range(count)]
+        cur.skip_strings(count, shown)
         return GGUFArray("STRING", count)
     if depth + 1 >= MAX_NESTING:
-        raise GGUFError(f"bogus header: metadata {key!r} nests arrays more than {MAX_NESTING} deep")
+        raise GGUFError(f"bogus header: metadata {shown} nests arrays more than {MAX_NESTING} deep")
     items = [_read_value(cur, GGUFValueType.ARRAY, key, counts, depth + 1) for _ in range(count)]
     return items if count <= KEPT_ARRAY_ITEMS else GGUFArray("ARRAY", count)
 
@@ -758,6 +783,15 @@ def _numel(shape) -> int:
 
 def _int(value) -> int:
     return value if type(value) is int else 0
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist = 60, 60, 8
+
+
+def _quote(value) -> str:
+    """repr() of a name or value read from the file, cut to ~60 characters: never a 64 KB key in a message."""
+    return _REPR.repr(value)
 
 
 def _first_line(error: BaseException) -> str:

@@ -93,6 +93,15 @@ def test_each_read_is_a_fresh_tensor_the_caller_owns(tmp_path):
     assert path.read_bytes() == write_gguf(tmp_path / "again.gguf", {"w": (source, Q.F32)}).read_bytes()
 
 
+def test_a_file_changed_on_disk_after_opening_is_refused(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", {"w": (gaussian((8, 32)), Q.F32)})
+    g = open_gguf(path)
+    with path.open("ab") as f:
+        f.write(b"\0" * 32)
+    with pytest.raises(GGUFError, match="changed on disk"):
+        g.tensor("w")
+
+
 def test_bytes_and_path_give_the_same_tensors(tmp_path):
     tensors = {"a": (gaussian((16, 64), 1), Q.Q4_1), "b": (gaussian((32,), 2), Q.F32)}
     path = write_gguf(tmp_path / "m.gguf", tensors)
@@ -372,6 +381,7 @@ HOSTILE = {
                                "nests arrays"),
     "key not UTF-8": (_file([_s(b"\xff\xfe") + struct.pack("<II", 4, 1)], []), "not valid UTF-8"),
     "duplicate key": (_file([_kv_u32("k", 1), _kv_u32("k", 2)], []), "appears twice"),
+    "duplicate 60 KB key": (_file([_kv_u32("k" * 60_000, 1), _kv_u32("k" * 60_000, 2)], []), "'kkkkk"),
     "alignment not a power of two": (_file([_kv_u32("general.alignment", 24)], []), "power of two"),
     "alignment zero": (_file([_kv_u32("general.alignment", 0)], []), "power of two"),
     "zero dimensions": (_file([], [_info("w", [], 0, 0)]), "0 dimensions"),
