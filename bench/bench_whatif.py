@@ -31,11 +31,13 @@ import torch
 from models.gpt import GPT, GPTConfig
 from models.registry import runnable_model
 from spectral.checkpoint import load_checkpoint
-from spectral.evaluation import Evaluator, WhatIf, make_eval_batch, token_batch
+from spectral.evaluation import Evaluator, make_eval_batch, token_batch
+from spectral.runtime import ModelRuntime
+from spectral.whatif import Choice, WhatIfSession
 from spectral.threads import configure_threads
 from spectral.workspace import Workspace
 
-# distinct values: a value seen before reuses its metrics (WhatIf remembers them), which would flatter the median
+# distinct values: a value seen before reuses its metrics (the session remembers them), which would flatter the median
 ENERGY_MOVES = [0.999, 0.998, 0.997, 0.996, 0.995, 0.993, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95]
 RANK_MOVES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.55, 0.65, 0.75]
 GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0)
@@ -98,8 +100,8 @@ def bench(name: str, n_moves: int) -> dict:
             runnable.module(ids)
 
         bare()  # warm-up
-        whatif = WhatIf(workspace, runnable, evaluator=evaluator)
-        whatif.run("energy", 0.9995)  # warm-up: allocates the working copy
+        whatif = WhatIfSession(ModelRuntime(workspace, runnable=runnable), evaluator=evaluator)
+        whatif.run(Choice("energy", 0.9995))  # warm-up: allocates the working copy
         # Interleaved (bare, move, bare, move, ...): on a shared machine both then see the same load.
         moves, bare_times = [], []
         n_moves = max(n_moves, 10)
@@ -111,7 +113,7 @@ def bench(name: str, n_moves: int) -> dict:
             bare()
             bare_times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            result = whatif.run(strategy, value)
+            result = whatif.run(Choice(strategy, value))
             total = time.perf_counter() - t0
             moves.append({"strategy": strategy, "value": value, "total": total,
                           "rebuild": result.timings["rebuild"], "evaluate": result.timings["evaluate"],
@@ -125,7 +127,7 @@ def bench(name: str, n_moves: int) -> dict:
         factors = [t for info in workspace.matrices for t in workspace.factors(info.name)]
         working = [w.buffer for w in whatif.pruner._working.values()]
         ref = evaluator._reference
-        reference = [t for t in (ref.logits, ref.probs, ref.lse, ref.argmax, *ref.stage_inputs) if t is not None]
+        reference = [t for t in (ref.logits, ref.lse, ref.argmax, ref.nll, *ref.stage_inputs) if t is not None]
         held = {
             "model_mib": mib(tensor_bytes(runnable.module.parameters())),
             "factors_mib": mib(tensor_bytes(factors)),

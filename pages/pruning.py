@@ -41,13 +41,20 @@ widgets.eval_text_box()
 def live_panel():
     choice = widgets.choice_widgets()
     widgets.overrides_editor([m.name for m in opened.workspace.matrices])
+    numbers = st.empty()
+
+    def show(result) -> None:
+        with numbers.container():
+            widgets.metrics_row(result, encoder)
+
     try:
-        result = session.run(choice, settings, progress=state.progress_bar("SVD factors"))
+        result = session.run(choice, settings, progress=state.progress_bar("Working"),
+                             on_estimate=show if session.evaluator.worth_estimating else None)
     except PlanError as exc:
         st.error(str(exc))
         return
     st.session_state["prune_choice"] = choice
-    widgets.metrics_row(result, encoder)
+    show(result)
     st.caption(f"**{choice.label}**: {len(result.plan.cuts)} matrices cut · {len(result.prune.rebuilt)} rebuilt by "
                f"this move · {1000 * result.timings['total']:.0f} ms (plan, rebuild, evaluation)")
     for warning in result.plan.warnings:

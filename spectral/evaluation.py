@@ -208,7 +208,8 @@ def make_eval_batch(runnable, text: str | None = None, *, positions: int = DEFAU
 
 @dataclass
 class EvalMetrics:
-    """Outputs of the cut model against the untouched one on the fixed batch."""
+    """Outputs of the cut model against the untouched one on the fixed batch (or, when `estimate`, on its fixed
+    subset, with standard errors over the subset's sequences)."""
 
     agreement: float  # top-1 (causal LM) or nearest-neighbour (encoder) agreement, 0..1
     kl: float | None  # mean KL(original ‖ cut) in nats per predicted position (None for encoders)
@@ -217,12 +218,23 @@ class EvalMetrics:
     cosine: float | None = None  # encoders: mean cosine of original and cut embeddings
     seconds: float = 0.0
     start_stage: int = 0  # first stage re-run (0 = the whole forward pass)
+    estimate: bool = False  # from the estimate subset, not the full batch
+    positions: int = 0  # predicted positions (sentences for encoders) the numbers are over
+    agreement_se: float | None = None  # standard errors over sequences (estimates only)
+    kl_se: float | None = None
+    perplexity_se: float | None = None
 
 
 @dataclass
 class _Reference:
+    """The untouched model on one part of the batch: every stage's input, and its outputs (kept, or recomputed from
+    the last stage's input when keeping them would cost more memory than `Evaluator.keep_bytes` allows)."""
+
+    rows: torch.Tensor  # which sequences of the batch (indices)
+    input_ids: torch.Tensor
+    targets: torch.Tensor | None
     stage_inputs: list  # input of every stage on the untouched model
-    logits: torch.Tensor  # (P, V) float32, P = predicted positions (encoders: (B, C) embeddings)
+    logits: torch.Tensor | None  # (P, V) float32 (encoders: (B, C) embeddings); None: recomputed when needed
     lse: torch.Tensor | None  # (P,) log-sum-exp of the logits
     argmax: torch.Tensor | None  # (P,)
     nll: torch.Tensor | None  # (P,) float64 −log p(target)
@@ -303,22 +315,100 @@ def embedding_metrics(reference: torch.Tensor, embeddings: torch.Tensor) -> tupl
     return cosine, float((nn_a == nn_b).double().mean())
 
 
+ESTIMATE_SEQUENCES = 8  # sequences in the estimate subset (spread evenly over the batch)
+ESTIMATE_TOKENS = 32  # their first tokens: the subset's logits equal the full batch's at those positions (causal)
+CHUNK_POSITIONS = 512  # positions per evaluation chunk: a rerun request can interrupt between chunks
+KEEP_REFERENCE_BYTES = 256 * 2**20  # reference logits kept up to this size; beyond it they are recomputed
+ESTIMATE_WORTH_SECONDS = 0.5  # a full batch slower than this gets an estimate first
+
+
+def _stack_or_none(parts: list, attr: str):
+    values = [getattr(p, attr) for p in parts]
+    return None if any(v is None for v in values) else torch.cat(values)
+
+
 class Evaluator:
     """The untouched model's outputs on a fixed batch, computed once; `evaluate(overrides)` compares a cut model.
+
+    The batch is evaluated in chunks of about `CHUNK_POSITIONS` positions (`progress` reports each, so a caller can
+    stop between them), and, for causal LMs, a fixed estimate subset (the first `ESTIMATE_TOKENS` positions of
+    `ESTIMATE_SEQUENCES` sequences spread over the batch: a true subset of its positions, since a causal model's
+    outputs there do not depend on later tokens) gives a quick estimate with standard errors over its sequences.
+    Reference logits larger than `keep_bytes` are not kept: staged models recompute them from the cached input of the
+    last stage (the head), which costs one head pass per evaluation and gives the same numbers.
 
     Read-only after construction, so one evaluator serves every session on the same checkpoint and text (their
     forward passes take turns on the runtime's lock: spectral/runtime.py)."""
 
-    def __init__(self, runnable, batch: EvalBatch):
+    def __init__(self, runnable, batch: EvalBatch, *, chunk_positions: int = CHUNK_POSITIONS,
+                 keep_bytes: int = KEEP_REFERENCE_BYTES, lazy: bool = False):
         self.runnable = runnable
         self.batch = batch
         start = time.perf_counter()
-        self._reference = self._compute_reference()
+        n = batch.sequences
+        per_row = max(1, batch.positions // max(n, 1))
+        step = max(1, chunk_positions // per_row)
+        self._chunks = [torch.arange(a, min(a + step, n)) for a in range(0, n, step)]
+        vocab = runnable.vocab_size or 0
+        self.keep_logits = not runnable.stages or batch.positions * vocab * 4 <= keep_bytes
+        self._parts: list[_Reference] | None = None
+        self._estimate = None
+        if self.kind == "causal_lm" and n >= 2 and batch.input_ids.shape[1] > ESTIMATE_TOKENS // 2:
+            k = min(ESTIMATE_SEQUENCES, n)
+            rows = torch.tensor(sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}))
+            length = min(ESTIMATE_TOKENS, batch.input_ids.shape[1])
+            if rows.numel() * length < batch.positions:
+                self._estimate = self._reference(rows, batch.input_ids[rows, :length], None if batch.targets is None
+                                                 else batch.targets[rows, :length])
+        self.estimate_seconds = time.perf_counter() - start
+        self.reference_seconds = 0.0
+        if not lazy:
+            self.prepare()
+
+    def prepare(self, progress: Progress | None = None) -> None:
+        """Run the untouched model over the whole batch, chunk by chunk (done once; later calls return at once)."""
+        if self._parts is not None:
+            return
+        start = time.perf_counter()
+        parts = []
+        batch = self.batch
+        for i, rows in enumerate(self._chunks):
+            parts.append(self._reference(rows, batch.input_ids[rows],
+                                         None if batch.targets is None else batch.targets[rows]))
+            if progress:
+                progress(i + 1, len(self._chunks), "untouched model")
+        self._parts = parts
         self.reference_seconds = time.perf_counter() - start
+
+    @property
+    def ready(self) -> bool:
+        """The untouched model's outputs over the whole batch are computed."""
+        return self._parts is not None
+
+    @property
+    def parts(self) -> list[_Reference]:
+        self.prepare()
+        return self._parts
+
+    @property
+    def worth_estimating(self) -> bool:
+        """An estimate first is worth showing: there is a subset, and the full batch takes noticeably longer."""
+        if self._estimate is None:
+            return False
+        if self._parts is None:
+            return True
+        return self.reference_seconds > ESTIMATE_WORTH_SECONDS
 
     @property
     def kind(self) -> str:
         return self.runnable.kind
+
+    @property
+    def estimate_positions(self) -> int:
+        """Positions of the estimate subset (0 without one)."""
+        return 0 if self._estimate is None else int(self._estimate.input_ids.numel())
+
+    # ---------------------------------------------------------------------------------------------- reference
 
     @torch.inference_mode()
     def _run_stages(self, overrides: Mapping[str, torch.Tensor], start: int, x, keep: list | None = None):
@@ -329,29 +419,38 @@ class Evaluator:
         return x
 
     @torch.inference_mode()
-    def _compute_reference(self) -> _Reference:
-        ids = self.batch.input_ids
+    def _reference(self, rows: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor | None) -> _Reference:
         keep: list = []
         out = self._run_stages({}, 0, ids, keep) if self.runnable.stages else self.runnable.forward(ids)
         if self.kind == "encoder":
-            return _Reference(keep, out, None, None, None)
+            return _Reference(rows, ids, targets, keep, out, None, None, None)
         logits = out.reshape(-1, out.shape[-1]).float()
         lse = torch.logsumexp(logits, dim=-1)
         nll = None
-        if self.batch.targets is not None:
-            t = self.batch.targets.reshape(-1)
-            nll = (lse - logits.gather(1, t[:, None])[:, 0]).double()
-        return _Reference(keep, logits, lse, logits.argmax(dim=-1), nll)
+        if targets is not None:
+            nll = (lse - logits.gather(1, targets.reshape(-1)[:, None])[:, 0]).double()
+        return _Reference(rows, ids, targets, keep, logits if self.keep_logits else None, lse,
+                          logits.argmax(dim=-1), nll)
+
+    def _reference_logits(self, part: _Reference) -> torch.Tensor:
+        """The untouched logits of a part: kept, or recomputed by the last stage from its cached input."""
+        if part.logits is not None:
+            return part.logits
+        with torch.inference_mode():
+            out = self.runnable.stages[-1].run({}, part.stage_inputs[-1])
+        return out.reshape(-1, out.shape[-1]).float()
 
     @property
     def reference_outputs(self) -> torch.Tensor:
-        """The untouched model's logits (P, V) or embeddings (B, C); read-only."""
-        return self._reference.logits
+        """The untouched model's logits (P, V) or embeddings (B, C) over the whole batch, in batch order."""
+        return torch.cat([self._reference_logits(p) for p in self.parts])
 
     @property
     def perplexity_before(self) -> float | None:
-        nll = self._reference.nll
+        nll = _stack_or_none(self.parts, "nll")
         return None if nll is None else math.exp(float(nll.mean()))
+
+    # ------------------------------------------------------------------------------------------------ the cut
 
     def start_stage(self, overrides: Mapping[str, torch.Tensor]) -> int:
         """Index of the first stage that reads an overridden parameter (len(stages) when none does)."""
@@ -365,46 +464,105 @@ class Evaluator:
         return len(stages)
 
     @torch.inference_mode()
-    def outputs(self, overrides: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """(outputs of the cut model, first stage re-run); untouched stages come from the cached activations."""
-        ref = self._reference
-        start = self.start_stage(overrides)
+    def _outputs(self, part: _Reference, overrides: Mapping[str, torch.Tensor], start: int) -> torch.Tensor:
         if self.runnable.stages:
             if start >= len(self.runnable.stages):
-                return ref.logits, start
-            out = self._run_stages(overrides, start, ref.stage_inputs[start])
+                return self._reference_logits(part)
+            out = self._run_stages(overrides, start, part.stage_inputs[start])
         elif start == 0:
-            out = self.runnable.forward(self.batch.input_ids, overrides)
+            out = self.runnable.forward(part.input_ids, overrides)
         else:
-            return ref.logits, start
-        if self.kind == "encoder":
-            return out, start
-        return out.reshape(-1, out.shape[-1]).float(), start
+            return self._reference_logits(part)
+        return out if self.kind == "encoder" else out.reshape(-1, out.shape[-1]).float()
+
+    @torch.inference_mode()
+    def outputs(self, overrides: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(outputs of the cut model over the whole batch, first stage re-run); untouched stages come from the
+        cached activations."""
+        start = self.start_stage(overrides)
+        return torch.cat([self._outputs(p, overrides, start) for p in self.parts]), start
+
+    @torch.inference_mode()
+    def _position_metrics(self, part: _Reference, outputs: torch.Tensor) -> PositionMetrics:
+        logits = outputs.reshape(-1, outputs.shape[-1]).float()
+        targets = part.targets.reshape(-1) if part.targets is not None else None
+        return position_metrics(self._reference_logits(part), part.lse, part.argmax, logits, targets)
 
     @torch.inference_mode()
     def positions(self, outputs: torch.Tensor) -> PositionMetrics:
-        """Per-position KL, agreement and NLL of causal-LM outputs (logits (…, V)) against the reference."""
-        ref = self._reference
-        logits = outputs.reshape(-1, outputs.shape[-1]).float()
-        targets = self.batch.targets.reshape(-1) if self.batch.targets is not None else None
-        return position_metrics(ref.logits, ref.lse, ref.argmax, logits, targets)
+        """Per-position KL, agreement and NLL of causal-LM outputs over the whole batch against the reference."""
+        logits = outputs.reshape(-1, outputs.shape[-1])
+        found, offset = [], 0
+        for part in self.parts:
+            n = part.input_ids.numel()
+            found.append(self._position_metrics(part, logits[offset:offset + n]))
+            offset += n
+        nll = None if any(m.nll is None for m in found) else torch.cat([m.nll for m in found])
+        return PositionMetrics(torch.cat([m.kl for m in found]), torch.cat([m.agree for m in found]), nll)
+
+    def _summary(self, m: PositionMetrics, *, seconds: float, start: int) -> EvalMetrics:
+        after = None if m.nll is None else math.exp(float(m.nll.mean()))
+        return EvalMetrics(float(m.agree.double().mean()), float(m.kl.mean()), self.perplexity_before, after, None,
+                           seconds, start, positions=int(m.kl.numel()))
 
     @torch.inference_mode()
     def compare(self, outputs: torch.Tensor, *, start_stage: int = 0, seconds: float = 0.0) -> EvalMetrics:
         """Metrics of any outputs on this batch (a cut model's, or a custom forward's) against the reference."""
         if self.kind == "encoder":
-            cosine, agreement = embedding_metrics(self._reference.logits, outputs)
-            return EvalMetrics(agreement, None, None, None, cosine, seconds, start_stage)
-        m = self.positions(outputs)
-        after = None if m.nll is None else math.exp(float(m.nll.mean()))
-        return EvalMetrics(float(m.agree.double().mean()), float(m.kl.mean()), self.perplexity_before, after, None,
-                           seconds, start_stage)
+            cosine, agreement = embedding_metrics(self.reference_outputs, outputs)
+            return EvalMetrics(agreement, None, None, None, cosine, seconds, start_stage,
+                               positions=int(outputs.shape[0]))
+        return self._summary(self.positions(outputs), seconds=seconds, start=start_stage)
 
     @torch.inference_mode()
-    def evaluate(self, overrides: Mapping[str, torch.Tensor] | None = None) -> EvalMetrics:
-        """Metrics of the model with these parameters replaced (canonical names -> tensors) against the reference."""
+    def evaluate(self, overrides: Mapping[str, torch.Tensor] | None = None,
+                 progress: Progress | None = None) -> EvalMetrics:
+        """Metrics of the model with these parameters replaced (canonical names -> tensors) against the reference,
+        chunk by chunk (`progress(i, chunks, "evaluation")` after each)."""
+        self.prepare(progress)
         t0 = time.perf_counter()
-        out, start = self.outputs(overrides or {})
-        metrics = self.compare(out, start_stage=start)
-        metrics.seconds = time.perf_counter() - t0
-        return metrics
+        overrides = overrides or {}
+        start = self.start_stage(overrides)
+        if self.kind == "encoder":
+            out = torch.cat([self._outputs(p, overrides, start) for p in self.parts])
+            return self.compare(out, start_stage=start, seconds=time.perf_counter() - t0)
+        found = []
+        for i, part in enumerate(self.parts):
+            found.append(self._position_metrics(part, self._outputs(part, overrides, start)))
+            if progress:
+                progress(i + 1, len(self.parts), "evaluation")
+        nll = None if any(m.nll is None for m in found) else torch.cat([m.nll for m in found])
+        merged = PositionMetrics(torch.cat([m.kl for m in found]), torch.cat([m.agree for m in found]), nll)
+        return self._summary(merged, seconds=time.perf_counter() - t0, start=start)
+
+    @torch.inference_mode()
+    def estimate(self, overrides: Mapping[str, torch.Tensor] | None = None) -> EvalMetrics | None:
+        """Quick metrics on the fixed estimate subset, with standard errors over its sequences (None without one).
+
+        Per sequence j the mean KL, agreement and NLL over its positions; the estimate is the mean over sequences
+        and its standard error sd/√n (the sequences are spread over the text, so they are close to independent);
+        perplexity's error by the delta method, ppl·se(mean NLL)."""
+        part = self._estimate
+        if part is None:
+            return None
+        t0 = time.perf_counter()
+        overrides = overrides or {}
+        start = self.start_stage(overrides)
+        m = self._position_metrics(part, self._outputs(part, overrides, start))
+        n_seq = part.input_ids.shape[0]
+
+        def mean_se(values: torch.Tensor) -> tuple[float, float]:
+            per_sequence = values.double().reshape(n_seq, -1).mean(dim=1)
+            se = float(per_sequence.std(unbiased=True)) / math.sqrt(n_seq) if n_seq > 1 else float("nan")
+            return float(per_sequence.mean()), se
+
+        agreement, agreement_se = mean_se(m.agree)
+        kl, kl_se = mean_se(m.kl)
+        after = after_se = before = None
+        if m.nll is not None:
+            nll, nll_se = mean_se(m.nll)
+            after, after_se = math.exp(nll), math.exp(nll) * nll_se
+            before = math.exp(float(part.nll.mean()))
+        return EvalMetrics(agreement, kl, before, after, None, time.perf_counter() - t0, start, estimate=True,
+                           positions=int(part.input_ids.numel()), agreement_se=agreement_se, kl_se=kl_se,
+                           perplexity_se=after_se)

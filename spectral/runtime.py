@@ -142,7 +142,7 @@ class ModelRuntime:
                 self._evaluators.move_to_end(key)
                 return found
             batch = make_eval_batch(runnable, spec.text, positions=spec.positions, seed=spec.seed)
-            evaluator = Evaluator(runnable, batch)
+            evaluator = Evaluator(runnable, batch, lazy=True)  # the whole batch runs on first use, with progress
             self._evaluators[key] = evaluator
             while len(self._evaluators) > MAX_EVALUATORS:
                 self._evaluators.popitem(last=False)

@@ -126,6 +126,7 @@ class WhatIfResult:
     kind: str = "causal_lm"
     timings: dict = field(default_factory=dict)
     label: str = ""
+    estimate: EvalMetrics | None = None  # the quick estimate on the fixed subset that preceded these numbers
 
     def to_dict(self) -> dict:
         s, m = self.plan.strategy, self.metrics
@@ -139,6 +140,11 @@ class WhatIfResult:
             "matrices": [r.to_dict() for r in self.prune.matrices],
             # additions beyond DESIGN.md's keys
             "label": self.label,
+            "estimate": None if self.estimate is None else {
+                "agreement": self.estimate.agreement, "agreement_se": self.estimate.agreement_se,
+                "kl": self.estimate.kl, "kl_se": self.estimate.kl_se,
+                "perplexity_after": self.estimate.perplexity_after, "perplexity_se": self.estimate.perplexity_se,
+                "positions": self.estimate.positions, "seconds": self.estimate.seconds},
             "metric": "kl" if self.kind == "causal_lm" else "cosine",
             "cosine": m.cosine,
             "bytes_before": self.prune.bytes_before, "bytes_after": self.prune.bytes_after,
@@ -194,15 +200,20 @@ class WhatIfSession:
 
     # -------------------------------------------------------------------------------------------------- moves
 
-    def run(self, choice: Choice, settings: Settings = Settings(), progress: Progress | None = None) -> WhatIfResult:
-        """One slider move: plan, compute the SVD factors the plan needs (progress per matrix), rebuild, evaluate."""
+    def run(self, choice: Choice, settings: Settings = Settings(), progress: Progress | None = None,
+            on_estimate: Callable[[WhatIfResult], None] | None = None) -> WhatIfResult:
+        """One slider move: plan, compute the SVD factors the plan needs, rebuild, evaluate. `progress(i, n, label)`
+        reports the factors and then each evaluation chunk; `on_estimate` receives the quick estimate on the fixed
+        subset (`Evaluator.estimate`) before the full batch runs, when there is one and the move is not cached."""
         t0 = time.perf_counter()
         plan = choice.plan(self.workspace, settings)
-        result = self.run_plan(plan, progress=progress, plan_seconds=time.perf_counter() - t0)
-        result.label = choice.label
+        result = self.run_plan(plan, progress=progress, on_estimate=on_estimate, plan_seconds=time.perf_counter() - t0,
+                               label=choice.label)
         return result
 
-    def run_plan(self, plan: Plan, *, progress: Progress | None = None, plan_seconds: float = 0.0) -> WhatIfResult:
+    def run_plan(self, plan: Plan, *, progress: Progress | None = None,
+                 on_estimate: Callable[[WhatIfResult], None] | None = None, plan_seconds: float = 0.0,
+                 label: str = "") -> WhatIfResult:
         """A plan made elsewhere (research views build their own) on this session's working copy."""
         self.prepare(plan, progress)
         t0 = time.perf_counter()
@@ -210,17 +221,27 @@ class WhatIfSession:
         t1 = time.perf_counter()
         key = frozenset(plan.cuts.items())
         metrics = self._metrics.get(key)
+        timings = {"plan": plan_seconds, "rebuild": t1 - t0}
+        estimate = None
         if metrics is None:
+            overrides = self.pruner.overrides()
+            if on_estimate is not None:
+                with self.runtime.lock:
+                    estimate = self.evaluator.estimate(overrides)
+                if estimate is not None:
+                    timings["estimate"] = estimate.seconds
+                    on_estimate(WhatIfResult(plan, prune, estimate, self.evaluator.batch, self.kind,
+                                             dict(timings, total=plan_seconds + time.perf_counter() - t0), label))
             with self.runtime.lock:
-                metrics = self.evaluator.evaluate(self.pruner.overrides())
+                metrics = self.evaluator.evaluate(overrides, progress)
             self._metrics[key] = metrics
             while len(self._metrics) > METRICS_CACHE:
                 self._metrics.popitem(last=False)
         else:
             self._metrics.move_to_end(key)
         t2 = time.perf_counter()
-        timings = {"plan": plan_seconds, "rebuild": t1 - t0, "evaluate": t2 - t1, "total": plan_seconds + t2 - t0}
-        return WhatIfResult(plan, prune, metrics, self.evaluator.batch, self.kind, timings)
+        timings.update(evaluate=t2 - t1, total=plan_seconds + t2 - t0)
+        return WhatIfResult(plan, prune, metrics, self.evaluator.batch, self.kind, timings, label, estimate)
 
     def prepare(self, plan: Plan, progress: Progress | None = None) -> None:
         """Compute (once, shared) the SVD factors of every matrix the plan truncates, reporting progress."""

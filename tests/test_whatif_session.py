@@ -55,12 +55,35 @@ def test_one_run_plans_computes_factors_rebuilds_and_evaluates(gpt_path):
     seen = []
     result = session.run(Choice("rank", 0.5), progress=lambda i, n, name: seen.append((i, n, name)))
     truncated = [name for name, cut in result.plan.cuts.items() if cut.needs_factors]
-    assert seen[-1] == (len(truncated), len(truncated), "") and {name for _, _, name in seen[:-1]} == set(truncated)
+    factors = [s for s in seen if s[2] not in ("untouched model", "evaluation")]
+    assert factors[-1] == (len(truncated), len(truncated), "") and {n for _, _, n in factors[:-1]} == set(truncated)
+    chunks = len(session.evaluator.parts)
+    assert [s for s in seen if s[2] == "untouched model"][-1] == (chunks, chunks, "untouched model")
+    assert [s for s in seen if s[2] == "evaluation"][-1] == (chunks, chunks, "evaluation")
     assert result.metrics.kl > 0 and result.label == "rank 50%"
     again = session.run(Choice("rank", 0.5), progress=lambda *a: seen.append(a))
     assert again.prune.rebuilt == []  # nothing changed since the previous move
     independent = session.evaluator.evaluate(session.pruner.overrides())
     assert again.metrics.kl == pytest.approx(independent.kl, rel=1e-12)
+
+
+def test_the_estimate_comes_first_from_a_fixed_subset_of_the_batch_positions(gpt_path):
+    session = WhatIfSession.open(gpt_path, positions=512)
+    estimates = []
+    result = session.run(Choice("rank", 0.25), on_estimate=estimates.append)
+    (estimate,) = estimates
+    m = estimate.metrics
+    assert m.estimate and m.positions == 8 * 32 and not result.metrics.estimate and result.estimate is m
+    assert m.kl_se > 0 and abs(m.kl - result.metrics.kl) < 4 * m.kl_se + 0.2 * result.metrics.kl
+    # the subset's numbers are the full batch's at those positions: first 32 tokens of 8 spread sequences
+    ev = session.evaluator
+    out, _ = ev.outputs(session.pruner.overrides())
+    per_position = ev.positions(out).kl.reshape(ev.batch.sequences, -1)
+    rows = ev._estimate.rows
+    assert m.kl == pytest.approx(float(per_position[rows, :32].mean()), rel=1e-5)
+    again = []
+    session.run(Choice("rank", 0.25), on_estimate=again.append)
+    assert again == []  # a move seen before is answered at once, without an estimate
 
 
 def test_settings_are_arguments_not_state(gpt_path):

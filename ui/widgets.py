@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from spectral.evaluation import ESTIMATE_TOKENS
 from spectral.pruning import DEFAULT_VALUES, PRECISIONS
 from spectral.whatif import SCOPE_LABELS, STRATEGY_LABELS, Choice, WhatIfResult
 from ui import state
@@ -96,27 +97,40 @@ def overrides_editor(matrix_names: list[str]) -> None:
                 st.rerun(scope="fragment")
 
 
+def _pm(se: float | None, scale: float = 1.0, spec: str = ".2f") -> str:
+    return "" if se is None or se != se else f" ± {scale * se:{spec}}"
+
+
 def metrics_row(result: WhatIfResult, encoder: bool) -> None:
-    """Agreement, KL (or cosine), perplexity, compression and parameters kept of one what-if."""
+    """Agreement, KL (or cosine), perplexity, compression and parameters kept of one what-if; an estimate on the
+    fixed subset is labelled as such, with ± one standard error."""
     m, cols = result.metrics, st.columns(5)
+    tag = " (estimate)" if m.estimate else ""
     if encoder:
         cols[0].metric("Neighbour agreement", f"{100 * m.agreement:.2f}%", help="share of sentences whose nearest "
                        "neighbour (by embedding cosine) is the same with the cut model as with the untouched one")
         cols[1].metric("Cosine", f"{m.cosine:.4f}", help="mean cosine of original and cut embeddings")
     else:
-        cols[0].metric("Top-1 agreement", f"{100 * m.agreement:.2f}%", help="share of positions where the cut "
-                       "model's most likely next token equals the untouched model's")
-        cols[1].metric("KL (nats/position)", f"{m.kl:.4f}" if m.kl >= 1e-3 or m.kl == 0 else f"{m.kl:.2e}",
+        cols[0].metric(f"Top-1 agreement{tag}", f"{100 * m.agreement:.2f}%{_pm(m.agreement_se, 100, '.1f')}",
+                       help="share of positions where the cut model's most likely next token equals the untouched "
+                            "model's")
+        kl = f"{m.kl:.4f}" if m.kl >= 1e-3 or m.kl == 0 else f"{m.kl:.2e}"
+        cols[1].metric(f"KL (nats/position){tag}", kl + _pm(m.kl_se, 1, ".2g"),
                        help="mean KL(original ‖ cut) per predicted position")
     if m.perplexity_after is not None and m.perplexity_before is not None:
-        cols[2].metric("Perplexity", f"{m.perplexity_after:.2f}", f"{m.perplexity_after - m.perplexity_before:+.2f} "
-                       f"vs {m.perplexity_before:.2f}", delta_color="inverse", help="on the evaluation text")
+        cols[2].metric(f"Perplexity{tag}", f"{m.perplexity_after:.2f}{_pm(m.perplexity_se, 1, '.1f')}",
+                       f"{m.perplexity_after - m.perplexity_before:+.2f} vs {m.perplexity_before:.2f}",
+                       delta_color="inverse", help="on the evaluation text")
     else:
         cols[2].metric("Perplexity", "—", help="needs labelled text (the model's held-out text or yours)")
     cols[3].metric("Compression", f"{result.prune.compression:.2f}×",
                    help="stored bytes before / after (rank-k factors k·(m+n) where smaller, precision counted)")
     cols[4].metric("Parameters kept", human_count(result.prune.params_after),
                    f"of {human_count(result.prune.params_before)}", delta_color="off", delta_arrow="off")
+    if m.estimate:
+        st.caption(f"Estimate from {m.positions:,} fixed positions (the first {ESTIMATE_TOKENS} of "
+                   f"{m.positions // ESTIMATE_TOKENS} sequences spread over the batch), ± one standard error over "
+                   "those sequences; the full batch is running.")
 
 
 def _use_text() -> None:
