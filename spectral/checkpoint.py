@@ -11,28 +11,55 @@ in `Checkpoint.tied_groups`, so the analysis treats them as one matrix with seve
 """
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import contextlib
 import hashlib
 import io
 import itertools
 import json
+import math
 import os
-import pickletools
+import pickle
 import re
-import threading
+import reprlib
 import warnings
+import weakref
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
 
+
+def _env_bytes(name: str, default: int) -> int:
+    """A byte count from the environment ("1073741824", "2G", "512MiB"; binary multiples), else `default`."""
+    text = os.environ.get(name, "").strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", text, re.IGNORECASE)
+    if not text:
+        return default
+    if match is None:
+        warnings.warn(f"{name}={text!r} is not a byte count (e.g. 2G); using {default}", stacklevel=2)
+        return default
+    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " "))
+
+
 FORMATS = ("safetensors", "pytorch", "huggingface", "demo")
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 HASH_CHUNK = 8 * 1024 * 1024  # sha256 is streamed in 8 MiB chunks
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
+# What a load may allocate beyond the bytes it was handed (decoded PyTorch uploads, legacy files, pickles, JSON):
+# checked before allocating. Memory-mapped and pread tensor data do not count: their bytes are on disk.
+MEMORY_BUDGET = _env_bytes("SPECTRA_MEMORY_BUDGET", 1 << 30)
+MAX_TENSORS = int(_env_bytes("SPECTRA_MAX_TENSORS", 100_000))  # per checkpoint, all shards together
+PICKLE_AMPLIFICATION = 80  # worst case bytes of objects per pickle byte (a run of EMPTY_DICT: 72)
+JSON_VALUE_BYTES = 80  # worst case bytes per parsed JSON value (an empty object and its slot)
+MAX_JSON_DEPTH = 100  # config.json and index files nested deeper are refused (real ones nest 3-4 levels)
+EXPANDED_ALLOWANCE = 1 << 20  # a tensor may claim this much beyond its storage (broadcast buffers); no more
+READ_CHUNK = 256 << 20  # one positional read; the kernel caps a single one near 2 GiB
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy torch.save file
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 LISTED_SUFFIXES = WEIGHT_SUFFIXES + (".gguf",)  # what a server folder offers (GGUF files carry their own config)
 LIST_DEPTH = 2  # a server folder is listed this many levels deep
@@ -375,11 +402,11 @@ class _FolderFiles:
     def sha256(self, name: str) -> str:
         return _sha256_file(self.target(name))
 
-    def open(self, name: str) -> _Part:
+    def open(self, name: str, budget: _Budget) -> _Part:
         target = self.target(name)
         with target.open("rb") as f:
             head = f.read(16)
-        return _open_file(self.label(name), name, target.stat().st_size, head, path=target)
+        return _open_file(self.label(name), name, target.stat().st_size, head, path=target, budget=budget)
 
     def path(self, name: str) -> str:
         return str(self.folder / name)
@@ -404,14 +431,14 @@ class _MemoryFiles:
         return len(self.files[name])
 
     def read(self, name: str) -> bytes:
-        return bytes(self.files[name])
+        return self.files[name]
 
     def sha256(self, name: str) -> str:
         return hashlib.sha256(self.files[name]).hexdigest()
 
-    def open(self, name: str) -> _Part:
+    def open(self, name: str, budget: _Budget) -> _Part:
         data = self.files[name]
-        return _open_file(name, name, len(data), bytes(data[:16]), data=data)
+        return _open_file(name, name, len(data), bytes(data[:16]), data=data, budget=budget)
 
     def path(self, name: str) -> str:
         return name
@@ -471,7 +498,8 @@ def _load_fileset(store: _FolderFiles | _MemoryFiles, label: str | None, max_byt
     content = sorted(set(used + side + ([index_name] if index_name else [])))
     _check_size(source, sum(store.size(n) for n in content), max_bytes)
 
-    parts = {shard: store.open(shard) for shard in used}
+    budget = _Budget()  # one for the whole set: what each shard keeps in memory adds up
+    parts = {shard: store.open(shard, budget) for shard in used}
     if shard_of is None:
         merged = parts[weights_name]
     else:
@@ -519,9 +547,13 @@ def _read_index(store, index_name: str) -> dict[str, str]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(store.label(index_name), "index has no weight_map (tensor name -> shard file)")
+    if len(weight_map) > MAX_TENSORS:
+        raise CheckpointError(store.label(index_name), f"too many tensors: {len(weight_map):,}, over the bound of "
+                                                       f"{MAX_TENSORS:,} (SPECTRA_MAX_TENSORS)")
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard or "/" in shard or shard.startswith("."):
-            raise CheckpointError(store.label(index_name), f"weight_map entry {name!r} names a bad shard {shard!r}")
+        if not isinstance(shard, str) or not shard or any(c in shard for c in "/\\\x00") or shard.startswith("."):
+            raise CheckpointError(store.label(index_name), f"weight_map entry {_quote(name)} names a bad shard "
+                                                           f"{_quote(shard)}")
     return dict(weight_map)
 
 
@@ -564,6 +596,7 @@ class _Part:
     config: dict | None = None
     natural_order: bool = False  # the writer sorted names alphabetically; sort them "naturally" instead
     warnings: list[str] = field(default_factory=list)
+    quantization: dict[str, tuple[str, float]] = field(default_factory=dict)  # see Checkpoint.quantization
 
     def add(self, name: str, shape: tuple[int, ...], dtype: str, reader: Callable[[str], torch.Tensor]) -> None:
         self.order.append(name)
@@ -572,12 +605,30 @@ class _Part:
         self.readers[name] = reader
 
 
+class _Budget:
+    """Memory one load may allocate beyond the bytes it was handed, checked before anything is allocated.
+
+    `kept` bytes stay for the checkpoint's life (storages a PyTorch upload or legacy file decodes into memory);
+    `passing` bytes are freed before the next file (unpickled objects, a parsed JSON header)."""
+
+    def __init__(self):
+        self.kept = 0
+
+    def spend(self, label: str, *, kept: int = 0, passing: int = 0, what: str) -> None:
+        need = self.kept + kept + passing
+        if need > MEMORY_BUDGET:
+            raise CheckpointError(label, f"{what} would take about {_human_bytes(need)} of memory, over the "
+                                         f"{_human_bytes(MEMORY_BUDGET)} budget (SPECTRA_MEMORY_BUDGET)")
+        self.kept += kept
+
+
 def _open_file(label: str, filename: str, size: int, head: bytes, *, path: Path | None = None,
-               data: bytes | None = None) -> _Part:
+               data: bytes | None = None, budget: _Budget | None = None) -> _Part:
     kind = _sniff(label, filename, size, head)
+    budget = budget if budget is not None else _Budget()
     if kind == "safetensors":
-        return _open_safetensors(label, size, path=path, data=data)
-    return _open_pytorch(label, is_zip=(kind == "zip"), path=path, data=data)
+        return _open_safetensors(label, size, path=path, data=data, budget=budget)
+    return _open_pytorch(label, size, is_zip=(kind == "zip"), path=path, data=data, budget=budget)
 
 
 def _sniff(label: str, filename: str, size: int, head: bytes) -> str:
@@ -593,6 +644,8 @@ def _sniff(label: str, filename: str, size: int, head: bytes) -> str:
     suffix = Path(filename).suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"  # let the header check say what exactly is wrong
+    if head[:4] == b"GGUF":
+        raise CheckpointError(label, "GGUF files cannot be read by this version")
     # the file's own bytes are never quoted: a message may reach a browser, and the bytes may not be the user's
     if _looks_like_text(head):
         problem = "not a checkpoint: the file is text"
@@ -613,45 +666,70 @@ def _looks_like_text(head: bytes) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- safetensors
 
-def _open_safetensors(label: str, size: int, *, path: Path | None, data: bytes | None) -> _Part:
+@dataclass(frozen=True)
+class _Span:
+    """Where one tensor's bytes lie in its file, and what they are."""
+
+    start: int  # absolute offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _open_safetensors(label: str, size: int, *, path: Path | None, data: bytes | None, budget: _Budget) -> _Part:
+    """Validate the header as strictly as the safetensors library does (uploads never reach the library), then read
+    tensors by offset: from an upload's bytes, or from one descriptor per file kept open for the checkpoint's life."""
     if path is not None:
-        with path.open("rb") as f:
-            header = _parse_safetensors_header(label, size, lambda start, n: _read_at(f, start, n))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            header, data_start = _parse_safetensors_header(label, size, lambda start, n: _pread(fd, start, n), budget)
+            _library_agrees(label, path)
+            reader: _SafetensorsPath | _SafetensorsBytes = _SafetensorsPath(path, label, fd)
+        except BaseException:
+            os.close(fd)
+            raise
     else:
         view = memoryview(data)
-        header = _parse_safetensors_header(label, size, lambda start, n: bytes(view[start:start + n]))
+        header, data_start = _parse_safetensors_header(label, size, lambda start, n: bytes(view[start:start + n]),
+                                                       budget)
+        reader = _SafetensorsBytes(data, label)
     part = _Part(kind="safetensors", natural_order=True)
     meta = header.pop("__metadata__", None) or {}
     part.metadata = dict(meta)
     if "config" in meta:
         try:
-            config = json.loads(meta["config"])
-            part.config = config if isinstance(config, dict) else None
-        except json.JSONDecodeError:
-            part.warnings.append(f"{label}: metadata 'config' is not valid JSON; ignored")
-    reader = _SafetensorsPath(path, label) if path is not None else _SafetensorsBytes(data, label)
+            config = _read_json(label, meta["config"].encode("utf-8", "surrogatepass"), "metadata 'config': ")
+            part.config = config
+        except CheckpointError:
+            part.warnings.append(f"{label}: metadata 'config' is not a valid JSON object; ignored")
     for name, entry in header.items():
-        part.add(name, tuple(entry["shape"]), _dtype_name(SAFETENSORS_DTYPES[entry["dtype"]][0]), reader)
-    if path is not None:
-        try:  # the library must agree with our check; its header parse is cheap and reads no tensor data
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt", device="cpu"):
-                pass
-        except Exception as e:  # noqa: BLE001 - whatever the library raises becomes a readable refusal
-            raise CheckpointError(label, f"unreadable safetensors file: {_first_line(e)}") from None
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]][0]
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        reader.spans[name] = _Span(data_start + begin, end - begin, dtype, shape)
+        part.add(name, shape, _dtype_name(dtype), reader)
     return part
 
 
-def _read_at(f, start: int, n: int) -> bytes:
-    f.seek(start)
-    return f.read(n)
+def _library_agrees(label: str, path: Path) -> None:
+    """The safetensors library must accept the file too (its header parse reads no tensor data)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device="cpu"):
+            pass
+    except Exception as e:  # noqa: BLE001 - whatever the library raises becomes a readable refusal
+        raise CheckpointError(label, f"unreadable safetensors file: {_first_line(e)}") from None
 
 
-def _parse_safetensors_header(label: str, size: int, read: Callable[[int, int], bytes]) -> dict:
-    """Check a safetensors header against the file: layout of https://github.com/huggingface/safetensors.
+def _parse_safetensors_header(label: str, size: int, read: Callable[[int, int], bytes],
+                              budget: _Budget) -> tuple[dict, int]:
+    """Check a safetensors header against the file; returns the header and where the tensor data starts.
 
-    8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}, __metadata__}, then the
-    tensor data, which the data_offsets must cover exactly, contiguously, each span matching shape x dtype size."""
+    Layout of https://github.com/huggingface/safetensors: 8 bytes little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets}, __metadata__: {str: str}}, then the tensor data, which the data_offsets must
+    cover exactly, contiguously, each span matching shape x dtype size. Everything the library refuses is refused
+    (NaN, duplicate keys, lone surrogates, "-0", nesting past scalars, sizes overflowing 64 bits), and more: at most
+    MAX_TENSORS tensors, and a header whose parse could outgrow the memory budget is refused before it is parsed."""
     if size < 8:
         raise CheckpointError(label, f"truncated file: {size} bytes, shorter than the 8-byte header length")
     n = int.from_bytes(read(0, 8), "little")  # never quoted in a message: it is the file's first 8 bytes
@@ -664,7 +742,12 @@ def _parse_safetensors_header(label: str, size: int, read: Callable[[int, int], 
     if n > SAFETENSORS_MAX_HEADER:
         raise CheckpointError(label, f"bogus header: the header length is over the {SAFETENSORS_MAX_HEADER} byte "
                                      "limit")
-    header = _read_json(label, read(8, n), problem="bogus header: ")
+    raw = read(8, n)
+    declared = raw.count(b'"data_offsets"')
+    if declared > MAX_TENSORS:
+        raise CheckpointError(label, f"too many tensors: the header declares about {declared:,}, over the bound of "
+                                     f"{MAX_TENSORS:,} (SPECTRA_MAX_TENSORS)")
+    header = _read_json(label, raw, "bogus header: ", strict=True, budget=budget)
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise CheckpointError(label, "bogus header: __metadata__ must map names to strings")
@@ -672,31 +755,45 @@ def _parse_safetensors_header(label: str, size: int, read: Callable[[int, int], 
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        shown = _quote(name)
         if not (isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= set(entry)):
-            raise CheckpointError(label, f"bogus header: entry {name!r} needs dtype, shape and data_offsets")
+            raise CheckpointError(label, f"bogus header: entry {shown} needs dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise CheckpointError(label, f"bogus header: tensor {shown} has a dtype that is a "
+                                         f"{type(dtype).__name__}, not a name")
+        if any(isinstance(v, (dict, list)) for k, v in entry.items() if k not in ("shape", "data_offsets")):
+            raise CheckpointError(label, f"bogus header: entry {shown} nests a structure where a value belongs")
         if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(label, f"unsupported dtype {dtype!r} for tensor {name!r}")
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-            raise CheckpointError(label, f"bogus header: tensor {name!r} has shape {shape!r}")
+            raise CheckpointError(label, f"unsupported dtype {_quote(dtype)} for tensor {shown}")
+        if not (isinstance(shape, list) and all(_is_count(d) and d < 2 ** 63 for d in shape)):
+            raise CheckpointError(label, f"bogus header: tensor {shown} has shape {_quote(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
-            raise CheckpointError(label, f"bogus header: tensor {name!r} has data_offsets {offsets!r}")
-        need = _numel(shape) * SAFETENSORS_DTYPES[dtype][1]
+            raise CheckpointError(label, f"bogus header: tensor {shown} has data_offsets {_quote(offsets)}")
+        count = 1
+        for d in shape:  # in the library's order, so an overflow it would see is seen here too
+            count *= d
+            if count >= 2 ** 64:
+                raise CheckpointError(label, f"bogus header: tensor {shown} has a shape whose size overflows 64 bits")
+        need = count * SAFETENSORS_DTYPES[dtype][1]
         if offsets[1] - offsets[0] != need:
-            raise CheckpointError(label, f"bogus header: tensor {name!r} of shape {shape} {dtype} needs {need} bytes, "
+            raise CheckpointError(label, f"bogus header: tensor {shown} of shape {shape} {dtype} needs {need} bytes, "
                                          f"its data_offsets {offsets} span {offsets[1] - offsets[0]}")
         spans.append((offsets[0], offsets[1], name))
     if not spans:
         raise CheckpointError(label, "no tensors in the file")
+    if len(spans) > MAX_TENSORS:
+        raise CheckpointError(label, f"too many tensors: {len(spans):,}, over the bound of {MAX_TENSORS:,} "
+                                     "(SPECTRA_MAX_TENSORS)")
     spans.sort()
     end = 0
     for begin, stop, name in spans:
         if begin != end:  # a gap or an overlap: the header does not describe the data as written
             if stop > data_len:
-                raise CheckpointError(label, f"offsets past end: tensor {name!r} has data_offsets [{begin}, {stop}] "
-                                             f"beyond the {data_len} bytes of tensor data")
-            raise CheckpointError(label, f"bogus header: tensor {name!r} starts at byte {begin} of the data, "
+                raise CheckpointError(label, f"offsets past end: tensor {_quote(name)} has data_offsets [{begin}, "
+                                             f"{stop}] beyond the {data_len} bytes of tensor data")
+            raise CheckpointError(label, f"bogus header: tensor {_quote(name)} starts at byte {begin} of the data, "
                                          f"expected {end} (gap or overlap)")
         end = stop
     if end > data_len:
@@ -704,47 +801,84 @@ def _parse_safetensors_header(label: str, size: int, read: Callable[[int, int], 
     if end < data_len:
         raise CheckpointError(label, f"corrupt file: {data_len - end} bytes after the last tensor "
                                      f"(header accounts for {end} of {data_len} bytes of tensor data)")
-    return header
+    return header, 8 + n
 
 
 class _SafetensorsPath:
-    """Reads one tensor per call through a fresh memory map, so a caller's in-place edits never reach the file."""
+    """Tensors of a safetensors file on disk: one descriptor, opened at load and kept, read by offset (pread), so a
+    read costs one copy whatever the header's size and threads never share a file position. Each call hands out a
+    new tensor; a file changed on disk since it was opened is refused rather than read."""
 
-    def __init__(self, path: Path, label: str):
-        self.path, self.label = path, label
+    def __init__(self, path: Path, label: str, fd: int):
+        self.path, self.label, self.fd = path, label, fd
+        self.spans: dict[str, _Span] = {}
+        stat = os.fstat(fd)
+        self.stamp = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        self._closer = weakref.finalize(self, os.close, fd)
 
     def __call__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+        span = self.spans[name]
+        stat = os.fstat(self.fd)
+        if (stat.st_size, stat.st_mtime_ns, stat.st_ino) != self.stamp:
+            raise CheckpointError(self.label, "changed on disk since it was opened; open it again")
+        out = torch.empty(span.nbytes, dtype=torch.uint8)
         try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                return f.get_tensor(name)
-        except Exception as e:  # noqa: BLE001 - the file may have changed or vanished since loading
-            raise CheckpointError(self.label, f"cannot read tensor {name!r}: {_first_line(e)}") from None
+            _pread_into(self.fd, memoryview(out.numpy()), span.start)
+        except OSError as e:
+            raise CheckpointError(self.label, f"cannot read tensor {_quote(name)}: {e.strerror or e}") from None
+        return out.view(span.dtype).reshape(span.shape)
 
 
 class _SafetensorsBytes:
-    """Tensors of an uploaded safetensors file, decoded on first use (header already validated)."""
+    """Tensors of an uploaded safetensors file, each copied out of the upload's bytes when asked for."""
 
     def __init__(self, data: bytes, label: str):
         self.data, self.label = data, label
-        self.tensors: dict[str, torch.Tensor] | None = None
-        self.lock = threading.Lock()
+        self.spans: dict[str, _Span] = {}
 
     def __call__(self, name: str) -> torch.Tensor:
-        with self.lock:
-            if self.tensors is None:
-                from safetensors.torch import load
-                try:
-                    self.tensors = load(bytes(self.data))
-                except Exception as e:  # noqa: BLE001
-                    raise CheckpointError(self.label, f"unreadable safetensors data: {_first_line(e)}") from None
-        return self.tensors[name].clone()
+        span = self.spans[name]
+        out = torch.empty(span.nbytes, dtype=torch.uint8)
+        if span.nbytes:
+            memoryview(out.numpy())[:] = memoryview(self.data)[span.start:span.start + span.nbytes]
+        return out.view(span.dtype).reshape(span.shape)
+
+
+def _pread(fd: int, start: int, n: int) -> bytes:
+    out = bytearray(n)
+    got = _pread_into(fd, memoryview(out), start)
+    return bytes(out[:got])
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    """Fill `buffer` from the file at `offset` (positional reads, in chunks; the kernel caps one at ~2 GiB)."""
+    buffer = buffer.cast("B")
+    done = 0
+    while done < len(buffer):
+        chunk = buffer[done:done + READ_CHUNK]
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [chunk], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            piece = os.pread(fd, len(chunk), offset + done)
+            chunk[:len(piece)] = piece
+            got = len(piece)
+        if got == 0:
+            raise OSError(0, "the file ends early (truncated since it was opened?)")
+        done += got
+    return done
 
 
 # -------------------------------------------------------------------------------------------------------- PyTorch
 
-def _open_pytorch(label: str, *, is_zip: bool, path: Path | None, data: bytes | None) -> _Part:
-    """torch.load with weights_only=True: only tensors and plain containers; any other global is refused."""
+def _open_pytorch(label: str, size: int, *, is_zip: bool, path: Path | None, data: bytes | None,
+                  budget: _Budget) -> _Part:
+    """torch.load with weights_only=True: only tensors and plain containers; any other global is refused.
+
+    Before torch.load runs, the file's declarations are checked against its bytes and the memory budget (zip entries
+    stored, not compressed, and not overlapping; the pickle dry-run by `_Census`: storages within their records,
+    tensors within their storages, nothing allocated by the pickle itself beyond the budget)."""
+    census = _check_torch_zip(label, size, path, data, budget) if is_zip else _check_legacy(label, size, path, data,
+                                                                                            budget)
     # torch.load hands any path ending in ".safetensors" to the safetensors library whatever its bytes: such a file
     # (a torch zip misnamed) goes in as an open file, without mmap
     if path is None:
@@ -758,10 +892,11 @@ def _open_pytorch(label: str, *, is_zip: bool, path: Path | None, data: bytes | 
             warnings.simplefilter("ignore")
             obj = torch.load(target, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - every failure of an untrusted file becomes one readable line
-        raise CheckpointError(label, _explain_torch_load_error(e, path, data)) from None
+        raise CheckpointError(label, _explain_torch_load_error(e)) from None
     finally:
         if not isinstance(target, str):
             target.close()
+    del census
     part = _Part(kind="pytorch")
     state = _find_state_dict(label, obj)
     if isinstance(obj, dict):
@@ -771,8 +906,9 @@ def _open_pytorch(label: str, *, is_zip: bool, path: Path | None, data: bytes | 
         if not isinstance(value, torch.Tensor):
             continue
         if value.layout != torch.strided or value.device.type != "cpu":
-            part.warnings.append(f"{label}: tensor {key!r} is {value.layout}/{value.device}; skipped")
+            part.warnings.append(f"{label}: tensor {_quote(key)} is {value.layout}/{value.device}; skipped")
             continue
+        _check_extent(label, str(key), value)
         tensors[str(key)] = value
     if not tensors:
         raise CheckpointError(label, "no tensors found in the state dict")
@@ -784,72 +920,368 @@ def _open_pytorch(label: str, *, is_zip: bool, path: Path | None, data: bytes | 
     return part
 
 
-def _explain_torch_load_error(error: Exception, path: Path | None, data: bytes | None) -> str:
+def _check_extent(label: str, name: str, value: torch.Tensor) -> None:
+    """A tensor may not claim more elements than its storage holds (stride-0 "expanded" views would inflate to their
+    full size on the first copy): a few bytes must not become gigabytes when read."""
+    nbytes = value.numel() * value.element_size()
+    held = value.untyped_storage().nbytes()
+    if nbytes > max(held, EXPANDED_ALLOWANCE):
+        raise CheckpointError(label, f"tensor {_quote(name)} claims {_human_bytes(nbytes)} over a storage of "
+                                     f"{_human_bytes(held)} (overlapping strides); refused")
+
+
+def _check_torch_zip(label: str, size: int, path: Path | None, data: bytes | None, budget: _Budget) -> _Dry:
+    """A torch zip's entries and pickle, checked before torch.load: stored entries only (torch never compresses;
+    an inflating entry is how a 1 MB file becomes gigabytes), each lying whole inside the file without overlap, the
+    pickle within the budget, and every storage it declares within its record."""
+    with (path.open("rb") if path is not None else contextlib.nullcontext(io.BytesIO(data))) as f:
+        entries = _zip_entry_count(label, f, size)
+        if entries > MAX_TENSORS + 64:
+            raise CheckpointError(label, f"too many zip entries: {entries:,}, over the bound of {MAX_TENSORS + 64:,}")
+        try:
+            archive = zipfile.ZipFile(f)
+        except Exception as e:  # noqa: BLE001 - zipfile parsing untrusted bytes: any failure is damage
+            raise CheckpointError(label, f"corrupt PyTorch file: damaged zip archive ({type(e).__name__})") from None
+        with archive:
+            infos = archive.infolist()
+            if not infos:
+                raise CheckpointError(label, "corrupt PyTorch file: an empty zip archive")
+            regions = sorted(infos, key=lambda i: i.header_offset)
+            for info, following in zip(regions, regions[1:] + [None]):
+                shown = _quote(info.filename)
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(label, f"refused: zip entry {shown} is compressed (PyTorch stores entries "
+                                                 "as they are; a compressed one could inflate far past the file)")
+                if info.file_size != info.compress_size:
+                    raise CheckpointError(label, f"corrupt PyTorch file: zip entry {shown} declares "
+                                                 f"{info.file_size} bytes but stores {info.compress_size}")
+                limit = following.header_offset if following is not None else size
+                if info.header_offset + 30 + len(info.orig_filename.encode("utf-8")) + info.compress_size > limit:
+                    raise CheckpointError(label, f"corrupt PyTorch file: zip entry {shown} overlaps the next or runs "
+                                                 "past the end")
+            prefix = infos[0].filename.split("/", 1)[0]
+            records = {i.filename: i for i in infos}
+            pickle_info = records.get(f"{prefix}/data.pkl")
+            if pickle_info is None:
+                raise CheckpointError(label, "corrupt PyTorch file: no data.pkl in the zip archive")
+            _pickle_within_budget(label, pickle_info.file_size, budget)
+            try:
+                raw = archive.read(pickle_info)
+            except Exception as e:  # noqa: BLE001 - a bad CRC, a mangled local header: the archive is damaged
+                raise CheckpointError(label, f"corrupt PyTorch file: damaged zip archive ({type(e).__name__})") \
+                    from None
+    census = _Census.run(label, io.BytesIO(raw))
+    _has_tensors(label, census)
+    decoded = 0
+    for key, nbytes in census.storages.items():
+        record = records.get(f"{prefix}/data/{key}")
+        if record is None:
+            raise CheckpointError(label, f"corrupt PyTorch file: storage {_quote(key)} has no record in the archive")
+        if nbytes > record.file_size:
+            raise CheckpointError(label, f"refused: storage {_quote(key)} declares {_human_bytes(nbytes)}, its record "
+                                         f"holds {_human_bytes(record.file_size)}")
+        decoded += record.file_size
+    # a path is memory-mapped (its storages stay on disk); an upload's storages are decoded into memory
+    budget.spend(label, kept=(0 if path is not None else decoded) + census.allocated,
+                 passing=len(raw) * PICKLE_AMPLIFICATION, what="loading it")
+    return census
+
+
+def _check_legacy(label: str, size: int, path: Path | None, data: bytes | None, budget: _Budget) -> _Dry:
+    """A legacy (pre-1.6) torch file: magic number, protocol, system info, the pickle, its storage keys, then the raw
+    storages, which torch.load allocates whole in memory. Declared storages must fit in the bytes that follow."""
+    cap = MEMORY_BUDGET // PICKLE_AMPLIFICATION
+    with (path.open("rb") if path is not None else contextlib.nullcontext(io.BytesIO(data))) as f:
+        stream = _CappedStream(f, label, cap)
+        if _Census.run(label, stream).root != LEGACY_MAGIC:
+            raise CheckpointError(label, "corrupt PyTorch file: a pickle that torch.save did not write (no magic "
+                                         "number)")
+        _Census.run(label, stream)  # protocol version
+        _Census.run(label, stream)  # system info
+        census = _Census.run(label, stream)
+        keys = _Census.run(label, stream).root
+        after = stream.consumed
+    _has_tensors(label, census)
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise CheckpointError(label, "corrupt PyTorch file: the storage key list is damaged")
+    declared = sum(census.storages.get(k, 0) for k in keys)
+    if declared + 8 * len(keys) > size - after:
+        raise CheckpointError(label, f"refused: the pickle declares {_human_bytes(declared)} of storages, the file "
+                                     f"holds {_human_bytes(max(size - after, 0))} after it")
+    budget.spend(label, kept=declared + census.allocated, passing=after * PICKLE_AMPLIFICATION,
+                 what="loading it (the legacy format reads every storage into memory)")
+    return census
+
+
+def _has_tensors(label: str, census: _Dry) -> None:
+    """A pickle that rebuilds no tensor holds no weights: said now, before torch.load unpickles it for nothing."""
+    if census.tensors == 0:
+        raise CheckpointError(label, "no tensors found in the state dict")
+
+
+def _pickle_within_budget(label: str, nbytes: int, budget: _Budget) -> None:
+    if nbytes * PICKLE_AMPLIFICATION > MEMORY_BUDGET:
+        raise CheckpointError(label, f"refused: its pickle is {_human_bytes(nbytes)}; unpickling may take "
+                                     f"{PICKLE_AMPLIFICATION}x that, over the {_human_bytes(MEMORY_BUDGET)} budget "
+                                     "(SPECTRA_MEMORY_BUDGET)")
+    budget.spend(label, passing=nbytes * PICKLE_AMPLIFICATION, what="unpickling it")
+
+
+def _zip_entry_count(label: str, f, size: int) -> int:
+    """Entries in a zip archive, from its end-of-central-directory record (zip64 too), before zipfile reads them."""
+    tail_start = max(0, size - 65_557)  # the record (22 bytes) follows at most a 65,535-byte comment
+    f.seek(tail_start)
+    tail = f.read(size - tail_start)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        raise CheckpointError(label, "corrupt PyTorch file: truncated or damaged zip archive")
+    count = int.from_bytes(tail[at + 10:at + 12], "little")
+    if count == 0xFFFF and at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07":
+        record_at = int.from_bytes(tail[at - 12:at - 4], "little")
+        if record_at + 56 > size:
+            raise CheckpointError(label, "corrupt PyTorch file: damaged zip64 directory")
+        f.seek(record_at)
+        record = f.read(56)
+        if record[:4] != b"PK\x06\x06":
+            raise CheckpointError(label, "corrupt PyTorch file: damaged zip64 directory")
+        count = int.from_bytes(record[32:40], "little")
+    return count
+
+
+class _CappedStream:
+    """A file for the unpickler that counts what it reads and refuses to go past `cap` bytes."""
+
+    def __init__(self, f, label: str, cap: int):
+        self.f, self.label, self.cap, self.consumed = f, label, cap, 0
+
+    def _take(self, data: bytes) -> bytes:
+        self.consumed += len(data)
+        if self.consumed > self.cap:
+            raise CheckpointError(self.label, f"refused: its pickles run past {_human_bytes(self.cap)}; unpickling "
+                                              f"may take {PICKLE_AMPLIFICATION}x that, over the "
+                                              f"{_human_bytes(MEMORY_BUDGET)} budget (SPECTRA_MEMORY_BUDGET)")
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        return self._take(self.f.read(min(n, self.cap + 1 - self.consumed) if n >= 0 else self.cap + 1))
+
+    def readline(self, n: int = -1) -> bytes:
+        return self._take(self.f.readline(self.cap + 1 - self.consumed))
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class _Placeholder:
+    """What the census puts where an allowed global's result would be: it accepts every pickle operation, runs
+    nothing and holds nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _Dict(dict):
+    """An OrderedDict in the census (a dict that also takes the BUILD of its `_metadata`)."""
+
+    def __setstate__(self, state):
+        pass
+
+
+@dataclass
+class _Dry:
+    """What a dry run of one pickle found."""
+
+    storages: dict[str, int]  # storage key -> declared bytes
+    tensors: int  # tensors rebuilt
+    allocated: int  # bytes the pickle itself would allocate
+    root: int | list | None  # the unpickled object when it is an int or a list (legacy magic number, storage keys)
+
+
+@dataclass
+class _StorageStub:
+    key: str
+    nbytes: int
+    itemsize: int
+
+
+@dataclass
+class _TensorStub:
+    numel: int
+
+
+class _Census(pickle.Unpickler):
+    """A dry run of a torch pickle that builds nothing: globals torch's weights_only loader allows become stubs
+    (any other is refused, naming it), storages are recorded with their declared sizes, tensors are counted and
+    held to their storages, and what the pickle itself would allocate (bytearray(n), legacy tensor constructors,
+    dtype conversions) is added up. Memory is bounded by the pickle's size, which the caller bounds."""
+
+    _REBUILDERS = frozenset({"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+                             "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_qtensor"})
+    _PASS_THROUGH = frozenset({"torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+                               "torch.nn.parameter.Parameter"})
+
+    def __init__(self, stream, label: str):
+        super().__init__(stream)
+        self.label = label
+        self.storages: dict[str, int] = {}  # key -> declared bytes
+        self.tensors = 0
+        self.allocated = 0
+        self._stubs: dict[str, type] = {}
+
+    @classmethod
+    def run(cls, label: str, stream) -> _Dry:
+        """Dry-run one pickle from `stream`; the unpickler (whose stack and memo hold every object it built) is
+        dropped before returning, so its memory is free again before torch.load unpickles for real."""
+        census = cls(stream, label)
+        try:
+            root = census.load()
+        except CheckpointError:
+            raise
+        except RecursionError:
+            raise CheckpointError(label, "corrupt PyTorch file: the pickle nests too deeply") from None
+        except MemoryError:
+            raise CheckpointError(label, "refused: unpickling it runs out of memory") from None
+        except Exception as e:  # noqa: BLE001 - a damaged pickle, whatever the opcode that broke
+            raise CheckpointError(label, f"corrupt PyTorch file: damaged pickle ({type(e).__name__})") from None
+        return _Dry(census.storages, census.tensors, census.allocated, root if isinstance(root, (int, list)) else None)
+
+    def find_class(self, module: str, name: str):
+        # Python 2 spellings ("__builtin__"), mapped as the standard unpickler's fix_imports does
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        qualified = f"{module}.{name}"
+        real = _allowed_globals().get(qualified)
+        if real is None:
+            raise CheckpointError(self.label, f"refused: the pickle tries to load {_clip(qualified)} (code execution "
+                                              "is never allowed)")
+        if qualified not in self._stubs:
+            census = weakref.ref(self)  # no cycle: the unpickler and all it built go as soon as the run ends
+
+            def construct(cls, *args, **kwargs):
+                return census()._called(qualified, args)
+
+            self._stubs[qualified] = type("Stub", (_Placeholder,), {"__new__": construct,
+                                                                     "itemsize": _itemsize(real)})
+        return self._stubs[qualified]
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise CheckpointError(self.label, "corrupt PyTorch file: a persistent id that is not a storage")
+        storage_type, key, _, numel = pid[1:5]
+        itemsize = getattr(storage_type, "itemsize", None)
+        if not (isinstance(itemsize, int) and _is_count(numel)):
+            raise CheckpointError(self.label, "corrupt PyTorch file: a storage without a type or size")
+        key = str(key)
+        self.storages[key] = max(self.storages.get(key, 0), numel * itemsize)
+        return _StorageStub(key, numel * itemsize, itemsize)
+
+    def _called(self, qualified: str, args: tuple):
+        result = _Placeholder()
+        if qualified in self._REBUILDERS:
+            result = self._tensor(qualified, args)
+        elif qualified in self._PASS_THROUGH:
+            result = args[0] if args else result
+        elif qualified == "torch._tensor._rebuild_from_type_v2" and len(args) >= 3 and isinstance(args[2], tuple):
+            function = args[0]
+            if isinstance(function, type) and issubclass(function, _Placeholder):
+                result = function(*args[2])
+        elif qualified == "torch._utils._rebuild_device_tensor_from_cpu_tensor" and len(args) >= 2:
+            if isinstance(args[0], _TensorStub):
+                self._allocate(args[0].numel * (getattr(args[1], "itemsize", None) or 8))
+        elif qualified == "builtins.bytearray" and args and isinstance(args[0], int):
+            self._allocate(args[0])
+        elif qualified.startswith("torch.") and qualified.endswith(("Tensor", "Storage")) and args \
+                and all(isinstance(a, int) for a in args):  # legacy constructors: torch.FloatTensor(n, m)
+            self._allocate(math.prod(args) * (_itemsize(_allowed_globals()[qualified]) or 8))
+        elif qualified == "collections.OrderedDict":
+            result = _Dict()
+        return result
+
+    def _tensor(self, qualified: str, args: tuple) -> _TensorStub:
+        self.tensors += 1
+        if self.tensors > MAX_TENSORS:
+            raise CheckpointError(self.label, f"too many tensors: over the bound of {MAX_TENSORS:,} "
+                                              "(SPECTRA_MAX_TENSORS)")
+        if len(args) < 3 or not isinstance(args[0], _StorageStub):
+            return _TensorStub(0)
+        storage, shape = args[0], args[2]
+        if not (isinstance(shape, tuple) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            return _TensorStub(0)
+        numel = math.prod(shape)
+        itemsize = storage.itemsize
+        if qualified.endswith("_v3") and len(args) >= 7:
+            itemsize = getattr(args[6], "itemsize", None) or itemsize
+        if numel * itemsize > max(storage.nbytes, EXPANDED_ALLOWANCE):
+            raise CheckpointError(self.label, f"refused: a tensor claims {_human_bytes(numel * itemsize)} over a "
+                                              f"storage of {_human_bytes(storage.nbytes)} (overlapping strides)")
+        return _TensorStub(numel)
+
+    def _allocate(self, nbytes: int) -> None:
+        self.allocated += max(int(nbytes), 0)
+        if self.allocated > MEMORY_BUDGET:
+            raise CheckpointError(self.label, f"refused: the pickle would allocate {_human_bytes(self.allocated)} "
+                                              f"itself, over the {_human_bytes(MEMORY_BUDGET)} budget "
+                                              "(SPECTRA_MEMORY_BUDGET)")
+
+
+def _allowed_globals() -> dict[str, object]:
+    """What torch's weights_only unpickler allows: its own list plus what the program added with add_safe_globals."""
+    global _ALLOWED
+    if _ALLOWED is None:
+        try:
+            from torch import _weights_only_unpickler as wou
+            allowed = dict(wou._get_allowed_globals())
+            allowed.update(wou._get_user_allowed_globals())
+        except (ImportError, AttributeError):  # a torch without these: tensor rebuilders, storages, dtypes, containers
+            allowed = {f"torch.{n}": getattr(torch, n) for n in dir(torch)
+                       if n.endswith("Storage") or isinstance(getattr(torch, n, None), torch.dtype)}
+            allowed.update({f"torch._utils.{n}": getattr(torch._utils, n) for n in dir(torch._utils)
+                            if n.startswith("_rebuild")})
+            allowed.update({"collections.OrderedDict": OrderedDict, "torch.Size": torch.Size})
+        _ALLOWED = allowed
+    return _ALLOWED
+
+
+_ALLOWED: dict[str, object] | None = None
+
+
+def _itemsize(real) -> int | None:
+    """Bytes per element of a dtype or a storage class the pickle names (UntypedStorage: 1); None for the rest."""
+    if isinstance(real, torch.dtype):
+        return real.itemsize
+    if real is torch.UntypedStorage:
+        return 1
+    dtype = getattr(real, "dtype", None)  # torch.FloatStorage is a StorageType(dtype=torch.float32)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else None
+
+
+def _explain_torch_load_error(error: Exception) -> str:
     text = str(error)
     if "Weights only load failed" in text or "Unsupported global" in text:
-        match = re.search(r"GLOBAL ([\w.]+)", text)  # the global torch refused; builtins come without a module
-        if match:
-            culprit = match.group(1) if "." in match.group(1) else f"builtins.{match.group(1)}"
-        else:  # protocol 4/5 pickles stop torch before it names a global: find it by decoding the opcodes
-            culprit = _pickle_global(path, data)
-        if culprit:
-            return f"refused: the pickle tries to load {culprit} (code execution is never allowed)"
         detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "unsupported pickle")
-        return f"refused: the pickle uses something the safe loader does not allow ({detail})"
+        return f"refused: the pickle uses something the safe loader does not allow ({_clip(detail)})"
     if "PytorchStreamReader" in text or "zip archive" in text:
         return "corrupt PyTorch file: truncated or damaged zip archive"
     if isinstance(error, EOFError):
         return "corrupt PyTorch file: it ends too early"
+    if isinstance(error, pickle.UnpicklingError):
+        return "corrupt PyTorch file: damaged pickle"
     # anything else torch.load raises on a file it cannot parse (bad magic number, damaged pickle, missing storage)
     return f"corrupt PyTorch file: {type(error).__name__}: {_first_line(error)}"
-
-
-def _pickle_global(path: Path | None, data: bytes | None) -> str | None:
-    """The first non-torch global that the pickle names, found by decoding its opcodes; None if it cannot tell.
-
-    pickletools only decodes, it never imports or calls anything. A torch zip keeps its pickle in */data.pkl; a legacy
-    torch file is several pickles in a row."""
-    limit = 1 << 20
-    try:
-        if path is not None:
-            with path.open("rb") as f:
-                raw = f.read(limit)
-        else:
-            raw = bytes(data[:limit])
-        if raw[:4] == b"PK\x03\x04":
-            source = path if path is not None else io.BytesIO(data)
-            with zipfile.ZipFile(source) as archive:
-                pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                with archive.open(pkl) as member:
-                    raw = member.read(limit)
-        stream = io.BytesIO(raw)
-        for _ in range(5):
-            strings: list[str] = []
-            for opcode, arg, _ in pickletools.genops(stream):
-                if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                    strings.append(arg)
-                    continue
-                if opcode.name in ("GLOBAL", "INST"):
-                    module, _, name = str(arg).partition(" ")
-                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    module, name = strings[-2], strings[-1]
-                else:
-                    continue
-                module = {"__builtin__": "builtins"}.get(module, module)  # protocol 2 spells builtins the Python 2 way
-                if not _harmless_global(module, name):
-                    return f"{module}.{name}"
-            if stream.tell() >= len(raw):
-                break
-    except Exception:  # noqa: BLE001 - a malformed pickle just leaves the culprit unnamed
-        return None
-    return None
-
-
-def _harmless_global(module: str, name: str) -> bool:
-    """Globals that torch's weights_only unpickler allows in a state dict (storages, tensor rebuilders, containers)."""
-    if module in ("collections", "_codecs", "torch._utils", "torch"):
-        return True
-    return module == "builtins" and name in ("set", "frozenset", "bytearray", "slice", "complex")
 
 
 def _find_state_dict(label: str, obj) -> dict:
@@ -933,6 +1365,7 @@ def _assemble(part: _Part, *, source: str, fmt: str, sha256: str, files: list[st
     dtypes = {n: part.dtypes[n] for n in order}
     ckpt = Checkpoint(source=source, format=fmt, sha256=sha256, shapes=shapes, dtypes=dtypes, config=part.config,
                       metadata=dict(part.metadata), files=list(files), warnings=list(part.warnings),
+                      quantization={n: part.quantization[n] for n in order if n in part.quantization},
                       _readers={n: part.readers[n] for n in order})
     ckpt.tied_groups = _tied_groups(ckpt, part.shared)
     return ckpt
@@ -1041,15 +1474,99 @@ def _combined_sha256(file_digests: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def _read_json(label: str, raw: bytes, problem: str = "") -> dict:
-    """A JSON object from bytes, or a CheckpointError ("<problem>not valid JSON ..." / "...expected an object")."""
+def _read_json(label: str, raw: bytes, problem: str = "", *, strict: bool = False,
+               budget: _Budget | None = None) -> dict:
+    """A JSON object from bytes, or a CheckpointError ("<problem>not valid JSON ..." / "...expected an object").
+
+    Its parse is bounded before it starts: values (at most commas + brackets + 1, an upper bound whatever the
+    strings hold) times JSON_VALUE_BYTES must fit the memory budget. Nesting Python cannot parse, or deeper than
+    MAX_JSON_DEPTH, is refused. `strict` (safetensors headers) also refuses what the safetensors library refuses:
+    duplicate keys, NaN/Infinity, lone surrogates, and negative integers (so "-0" cannot pass for a count)."""
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[") + 1
+    cost = values * JSON_VALUE_BYTES + 2 * len(raw)
+    (budget or _Budget()).spend(label, passing=cost, what=f"parsing its {problem.rstrip(': ') or 'JSON'}")
     try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(label, f"{problem}not valid JSON (not UTF-8 text at byte {e.start})") from None
+    hooks = {"object_pairs_hook": _strict_object, "parse_constant": _no_constant, "parse_int": _strict_int} \
+        if strict else {}
+    try:
+        value = json.loads(text, **hooks)
+    except RecursionError:
+        raise CheckpointError(label, f"{problem}not valid JSON (nested too deeply to read)") from None
+    except _JSONRefusal as e:
+        raise CheckpointError(label, f"{problem}{e}") from None
+    except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
         raise CheckpointError(label, f"{problem}not valid JSON ({_first_line(e)})") from None
     if not isinstance(value, dict):
         raise CheckpointError(label, f"{problem}JSON {type(value).__name__}, expected an object")
+    if not strict and _json_depth(value) > MAX_JSON_DEPTH:
+        raise CheckpointError(label, f"{problem}nested more than {MAX_JSON_DEPTH} levels deep")
     return value
+
+
+class _JSONRefusal(ValueError):
+    """Valid JSON for Python that the safetensors library (serde_json) refuses."""
+
+
+def _strict_object(pairs: list[tuple[str, object]]) -> dict:
+    seen = set()
+    for key, value in pairs:
+        if key in seen:
+            raise _JSONRefusal(f"duplicate key {_quote(key)}")
+        seen.add(key)
+        for text in (key, value) if isinstance(value, str) else (key,):
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _JSONRefusal("a string with a lone surrogate (not UTF-8)") from None
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise _JSONRefusal(f"{name} is not JSON")
+
+
+def _strict_int(text: str) -> int | _Negative:
+    return _Negative(text) if text.startswith("-") else int(text)
+
+
+class _Negative:
+    """A negative JSON integer ("-0" included), which serde refuses as a count: not an int, so never a count."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of parsed JSON, walked without recursion; stops counting past MAX_JSON_DEPTH."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 60, 60, 8, 4, 2
+
+
+def _quote(value) -> str:
+    """repr() of something read from a file, cut short: a name or a shape, never a megabyte of it."""
+    return _REPR.repr(value)
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _natural_key(name: str) -> list:
@@ -1078,11 +1595,12 @@ def _first_line(error: BaseException) -> str:
 
 
 def _human_bytes(n: int) -> str:
-    if n < 1000:
+    """Binary units, as the budgets are set: 1 GiB is 1073741824 bytes."""
+    if n < 1024:
         return f"{n} bytes"
     value, unit = float(n), "bytes"
-    for unit in ("KB", "MB", "GB", "TB"):
-        value /= 1000
-        if value < 1000:
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024:
             break
     return f"{value:.1f} {unit}"
