@@ -10,15 +10,14 @@ that fails (an unreadable tensor) comes back as a one-line reason and the rest c
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import socket
 import sys
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Self
@@ -43,8 +42,6 @@ TASK_COST = 3e8  # small matrices share a task until their m·n·min(m, n) sums 
 OPENED_PER_WORKER = 16  # checkpoint files a worker keeps open (memory-mapped headers, no tensor data)
 TASK_NAME = "spectral.distributed._run_task"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray gives this machine's nodes 127.0.0.1 (read at import)
-# until spectral.checkpoint's load_checkpoint takes known_sha256 (coordination.md), a worker hashes each file once
-_LOADER_TRUSTS_DIGEST = "known_sha256" in inspect.signature(load_checkpoint).parameters
 
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Result = Spectrum | Factors | str  # a str is the reason the matrix was skipped or failed
@@ -170,10 +167,13 @@ class RayMap:
         """Singular values of each matrix (default: all of the checkpoint's), or the reason it has none."""
         return self.spectra_many([Job(checkpoint, _tuple(infos), upload)], progress)[0]
 
-    def spectra_many(self, jobs: Sequence[Job | Checkpoint], progress: Progress | None = None
+    def spectra_many(self, jobs: Iterable[Job | Checkpoint], progress: Progress | None = None
                      ) -> list[dict[str, Spectrum | str]]:
-        """One map over checkpoint × matrix for several checkpoints (a folder of them, a training run)."""
-        return self._map([job if isinstance(job, Job) else Job(job) for job in jobs], False, progress)
+        """One map over checkpoint × matrix for several checkpoints (a folder of them, a training run), in order.
+
+        `jobs` may be a generator that opens each checkpoint: it is drawn from while the workers are busy, so opening
+        (hashing) the next checkpoint overlaps the spectra of the previous ones; progress totals grow as it does."""
+        return self._map((job if isinstance(job, Job) else Job(job) for job in jobs), False, progress)
 
     def factors(self, checkpoint: Checkpoint, infos: Sequence[MatrixInfo] | None = None,
                 progress: Progress | None = None, *, upload: bytes | None = None) -> dict[str, Factors | str]:
@@ -212,24 +212,40 @@ class RayMap:
 
     # ------------------------------------------------------------------------------------------------- the map
 
-    def _map(self, jobs: list[Job], factors: bool, progress: Progress | None) -> list[dict[str, Result]]:
+    def _map(self, jobs: Iterable[Job], factors: bool, progress: Progress | None) -> list[dict[str, Result]]:
+        """Tasks largest first; the next checkpoint is opened (hashed, parsed) while the workers are busy."""
         ray = self._ray
-        infos = [job.infos if job.infos is not None else tuple(find_matrices(job.checkpoint)) for job in jobs]
-        results: list[dict[str, Result]] = [{} for _ in jobs]
-        queue = [task for j, job in enumerate(jobs) for task in self._plan(j, job, infos[j], factors)]
-        queue.sort(key=lambda task: -task.cost)  # largest first: the makespan of a greedy schedule is near best
-        total, done = sum(len(i) for i in infos), 0
         window = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))  # bounds tensors held in the object store
-        pending, running = deque(queue), {}
+        upcoming = iter(jobs)
+        opened: list[Job] = []
+        infos: list[tuple[MatrixInfo, ...]] = []
+        results: list[dict[str, Result]] = []
+        pending: list[_Task] = []
+        running: dict = {}
+        total = done = 0
+        more = True
         try:
-            while pending or running:
+            while True:
+                while more and len(pending) + len(running) < window:
+                    job = next(upcoming, None)
+                    if job is None:
+                        more = False
+                        break
+                    opened.append(job)
+                    infos.append(job.infos if job.infos is not None else tuple(find_matrices(job.checkpoint)))
+                    results.append({})
+                    pending += self._plan(len(opened) - 1, job, infos[-1], factors)
+                    pending.sort(key=lambda task: -task.cost)  # largest first: a greedy schedule's makespan is near best
+                    total += len(infos[-1])
                 while pending and len(running) < window:
-                    task = pending.popleft()
-                    submitted = self._submit(task, jobs[task.job].checkpoint, results[task.job])
+                    task = pending.pop(0)
+                    submitted = self._submit(task, opened[task.job].checkpoint, results[task.job])
                     if submitted is not None:
                         running[submitted[0]] = submitted[1]
                     done += len(task.infos) - (len(submitted[1].infos) if submitted else 0)
                 if not running:
+                    if not more and not pending:
+                        break
                     continue
                 ready, _ = ray.wait(list(running), num_returns=1)
                 task = running.pop(ready[0])
@@ -334,10 +350,7 @@ def _open_file(stamp: FileStamp, sha256: str) -> Checkpoint:
         raise CheckpointError(stamp.path, f"not visible on worker node {socket.gethostname()}: the cluster needs a "
                                           "shared filesystem, or send the tensors through the object store")
     # the driver hashed the content already; a shard of a folder is keyed by the folder's digest (never compared)
-    if _LOADER_TRUSTS_DIGEST:
-        checkpoint = load_checkpoint(stamp.path, known_sha256=sha256)
-    else:
-        checkpoint = load_checkpoint(stamp.path)
+    checkpoint = load_checkpoint(stamp.path, known_sha256=sha256)
     seen = FileStamp.of(stamp.path)
     if (seen.size, seen.mtime_ns) != (stamp.size, stamp.mtime_ns):
         raise CheckpointError(stamp.path, "changed on disk since the driver opened it (size or modification time "

@@ -293,7 +293,8 @@ def test_several_checkpoints_in_one_map(cluster, tmp_path):
         paths.append(tmp_path / f"step{seed}.safetensors")
         save_file({k: v.contiguous() for k, v in state.items()}, str(paths[-1]))
     checkpoints = [demo] + [load_checkpoint(p) for p in paths]
-    remote = cluster.spectra_many([checkpoints[0], Job(checkpoints[1]), checkpoints[2]])
+    opened = (Job(c) if i % 2 else c for i, c in enumerate(checkpoints))  # a generator: opened while workers run
+    remote = cluster.spectra_many(opened)
     assert len(remote) == 3
     for got, checkpoint in zip(remote, checkpoints):
         assert_same_spectra(got, local_run(checkpoint)[0])
