@@ -21,7 +21,9 @@ it has gets the same cut values.
 
 Applying a plan (`Pruner.apply`) rebuilds only the matrices whose cut changed since the previous plan, from SVD
 factors that `Workspace.factors` computes lazily (only for matrices a plan truncates), into buffers owned by the
-pruner: cached originals are never written. A truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built the cheapest of
+pruner: cached originals are never written. A truncation to rank k whose factors cost less than the dense matrix
+(k·(m+n) < m·n) is not rebuilt at all: the pruner keeps its factors and hands the model a `LowRankWeight`, which
+runs as two thin matmuls, so a heavily cut model evaluates faster than the untouched one (spectral/lowrank.py). A truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built the cheapest of
 three exact ways: from the head (cost ∝ k), as W minus the tail (∝ r − k), or from the previous W_k' by adding or
 subtracting the components between k and k' (∝ |k − k'|, what a slider move needs); the incremental route is
 re-based by a full rebuild every `MAX_INCREMENTS` moves so float error cannot accumulate.
@@ -41,6 +43,7 @@ from safetensors.torch import save, save_file
 
 from models.registry import gpt_metadata
 from spectral.analysis import Settings, factorised_params
+from spectral.lowrank import LowRankWeight, cheaper_factorised
 from spectral.matrices import to_analysed, to_stored
 from spectral.metrics import energy_rank
 
@@ -345,14 +348,20 @@ class PruneResult:
 
 @dataclass
 class _Working:
-    """The pruner's buffer for one matrix (analysed layout, float32) and what it holds now."""
+    """The pruner's copy of one cut matrix (analysed layout, float32): a dense buffer, or, for a truncation whose
+    factors are cheaper than the dense matrix, the factors themselves (`low_rank`: W_k = left·right)."""
 
-    buffer: torch.Tensor
+    buffer: torch.Tensor | None = None  # allocated on the first dense cut
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None  # (left m×k, right k×n) while the cut is factorised
     cut: Cut = IDENTITY
     exact_rank: int | None = None  # the buffer holds exactly the rank-k truncation (no quantisation), k = this
     increments: int = 0
     active: bool = False
     relative_error: float = 0.0
+
+    def dense(self) -> torch.Tensor:
+        """The cut matrix as one dense tensor (the buffer, or the factors' product)."""
+        return self.low_rank[0] @ self.low_rank[1] if self.low_rank is not None else self.buffer
 
 
 class Pruner:
@@ -405,7 +414,7 @@ class Pruner:
         info = self.workspace.info(name)
         state = self._working.get(info.name)
         if state is not None and state.active:
-            return state.buffer
+            return state.dense()
         return self._original(info)
 
     def cut_tensors(self) -> dict[str, torch.Tensor]:
@@ -413,12 +422,18 @@ class Pruner:
         shape (float32), tied names included. What `--save` writes over the original tensors."""
         return {name: stored for info, stored in self._active_stored() for name in (info.name, *info.tied_with)}
 
-    def _active_stored(self):
-        """(matrix, its cut values in the stored layout) for every matrix the current plan changes."""
+    def _active_stored(self, factorised: bool = False):
+        """(matrix, its cut values in the stored layout) for every matrix the current plan changes; with
+        `factorised`, truncations held as factors come as a `LowRankWeight` (two thin matmuls in a forward pass)."""
         for info in self.workspace.matrices:
             state = self._working.get(info.name)
-            if state is not None and state.active:
-                yield info, to_stored(state.buffer, info)
+            if state is None or not state.active:
+                continue
+            if factorised and state.low_rank is not None:
+                weight = LowRankWeight(*state.low_rank)
+                yield info, weight.transposed() if info.transposed else weight
+            else:
+                yield info, to_stored(state.dense(), info)
 
     # -------------------------------------------------------------------------------------------------- rebuild
 
@@ -440,10 +455,19 @@ class Pruner:
 
     def _rebuild(self, info, cut: Cut) -> None:
         W = self._original(info)
-        state = self._working.get(info.name)
-        if state is None:
-            state = _Working(buffer=torch.empty(W.shape, dtype=torch.float32))
-            self._working[info.name] = state
+        state = self._working.setdefault(info.name, _Working())
+        k = cut.kept_rank
+        if k is not None and 0 < k and cut.precision == "fp32" and len(info.source_shape) == 2 \
+                and cheaper_factorised(tuple(info.shape), k):
+            U, S, Vh = self.workspace.factors(info.name)
+            state.low_rank = (U[:, :k] * S[:k], Vh[:k])  # left is new (m×k), right a view of the shared factors
+            state.exact_rank = None  # the dense buffer, if any, no longer holds a known truncation
+            state.cut, state.active = cut, True
+            state.relative_error = relative_error_from_spectrum(S, slice(k, None))
+            return
+        state.low_rank = None
+        if state.buffer is None:
+            state.buffer = torch.empty(W.shape, dtype=torch.float32)
         buf = state.buffer
         previous_exact = state.exact_rank  # the buffer is left alone while inactive, so it still holds this
         error = None
@@ -451,9 +475,7 @@ class Pruner:
         if cut.random_seed is not None:
             norm = float(torch.linalg.vector_norm(W))
             buf.copy_(_random_like(info.name, cut.random_seed, W.shape, norm))
-            exact = None
-        elif cut.kept_rank is not None:
-            k = cut.kept_rank
+        elif k is not None:
             U, S, Vh = self.workspace.factors(info.name) if k > 0 else (None, None, None)
             if k == 0:
                 buf.zero_()
@@ -492,8 +514,14 @@ class Pruner:
     def _module_overrides(self) -> dict[str, torch.Tensor]:
         if self.runnable is None:
             return {}
-        return {ref.name: stored.T if ref.transposed else stored for info, stored in self._active_stored()
-                for ref in self.runnable.params_for([info.name, *info.tied_with])}
+        out = {}
+        for info, stored in self._active_stored(factorised=True):
+            for ref in self.runnable.params_for([info.name, *info.tied_with]):
+                if not ref.transposed:
+                    out[ref.name] = stored
+                else:
+                    out[ref.name] = stored.transposed() if isinstance(stored, LowRankWeight) else stored.T
+        return out
 
     # --------------------------------------------------------------------------------------------------- report
 

@@ -1,0 +1,68 @@
+"""spectral/lowrank.py: a rank-k matrix read by a model as two thin matmuls, checked against the dense product, and a
+heavily cut model evaluated through it against the same cut applied densely."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from spectral.lowrank import LowRankWeight, cheaper_factorised
+from spectral.whatif import Choice, WhatIfSession
+from tests.tiny_models import save_tiny_gpt
+
+
+@pytest.fixture
+def factors():
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.randn(30, 4, generator=g), torch.randn(4, 20, generator=g)
+    return left, right, left @ right
+
+
+def test_linear_embedding_and_matmuls_equal_the_dense_product(factors):
+    left, right, dense = factors
+    w = LowRankWeight(left, right)
+    x, ids = torch.randn(5, 20), torch.tensor([[0, 7, 29]])
+    bias = torch.randn(30)
+    torch.testing.assert_close(F.linear(x, w, bias), F.linear(x, dense, bias))
+    torch.testing.assert_close(F.embedding(ids, w), F.embedding(ids, dense))
+    y = torch.randn(5, 30)
+    torch.testing.assert_close(y @ w, y @ dense)
+    torch.testing.assert_close(torch.addmm(torch.ones(20), y, w), torch.addmm(torch.ones(20), y, dense))
+    torch.testing.assert_close(w.transposed().dense(), dense.T)
+
+
+def test_shape_queries_do_not_build_the_dense_matrix_and_anything_else_sees_it(factors):
+    left, right, dense = factors
+    w = LowRankWeight(left, right)
+    assert w.shape == (30, 20) and w.dtype == torch.float32 and w.dim() == 2 and w.size(1) == 20 and w.rank == 4
+    torch.testing.assert_close(w * 2.0, dense * 2.0)  # an operation nobody rewrote: the dense product
+    assert torch.linalg.matrix_rank(w) == 4
+
+
+def test_modules_read_it_through_functional_call(factors):
+    left, right, dense = factors
+    linear, embedding = torch.nn.Linear(20, 30), torch.nn.Embedding(30, 20)
+    x, ids = torch.randn(3, 20), torch.tensor([1, 2])
+    torch.testing.assert_close(functional_call(linear, {"weight": LowRankWeight(left, right)}, (x,)),
+                               functional_call(linear, {"weight": dense}, (x,)))
+    torch.testing.assert_close(functional_call(embedding, {"weight": LowRankWeight(left, right)}, (ids,)), dense[ids])
+
+
+def test_factors_are_used_only_where_they_are_cheaper():
+    assert cheaper_factorised((100, 100), 49) and not cheaper_factorised((100, 100), 50)
+    assert not cheaper_factorised((100, 100), 0)
+
+
+def test_a_heavily_cut_model_evaluates_through_factors_like_the_dense_cut(tmp_path):
+    path = save_tiny_gpt(tmp_path / "tiny.safetensors")
+    session = WhatIfSession.open(path, positions=256)
+    factorised = session.run(Choice("rank", 0.1))
+    overrides = session.pruner.overrides()
+    assert any(isinstance(t, LowRankWeight) for t in overrides.values())
+    dense = {name: t.dense() if isinstance(t, LowRankWeight) else t for name, t in overrides.items()}
+    plain = session.evaluator.evaluate(dense)
+    assert factorised.metrics.kl == pytest.approx(plain.kl, rel=1e-4)
+    assert factorised.metrics.agreement == pytest.approx(plain.agreement, abs=1 / 256)
+    for info in session.workspace.matrices:  # the saved / analysed view is dense and equals the factors' product
+        assert session.pruner.matrix(info.name).shape == tuple(info.shape)
