@@ -23,8 +23,8 @@ Applying a plan (`Pruner.apply`) rebuilds only the matrices whose cut changed si
 factors that `Workspace.factors` computes lazily (only for matrices a plan truncates), into buffers owned by the
 pruner: cached originals are never written. A truncation to rank k whose factors cost less than the dense matrix
 (k·(m+n) < m·n) is not rebuilt at all: the pruner keeps its factors and hands the model a `LowRankWeight`, which
-runs as two thin matmuls, so a heavily cut model evaluates faster than the untouched one (spectral/lowrank.py). A truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built the cheapest of
-three exact ways: from the head (cost ∝ k), as W minus the tail (∝ r − k), or from the previous W_k' by adding or
+runs as two thin matmuls, so a heavily cut model evaluates faster than the untouched one (spectral/lowrank.py).
+Otherwise a truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built densely the cheapest of three exact ways: from the head (cost ∝ k), as W minus the tail (∝ r − k), or from the previous W_k' by adding or
 subtracting the components between k and k' (∝ |k − k'|, what a slider move needs); the incremental route is
 re-based by a full rebuild every `MAX_INCREMENTS` moves so float error cannot accumulate.
 """
