@@ -85,8 +85,9 @@ def test_rank_contrast_shows_signal_and_energy_percent_per_row():
 
 
 def _workspace() -> Workspace:
-    from spectral.checkpoint import load_checkpoint_bytes
     from safetensors.torch import save
+
+    from spectral.checkpoint import load_checkpoint_bytes
 
     torch.manual_seed(0)
     tensors = {"blocks.0.attn.c_attn.weight": torch.randn(192, 64), "blocks.0.mlp.c_fc.weight": torch.randn(256, 64),

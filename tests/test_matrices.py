@@ -4,8 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from spectral.checkpoint import load_checkpoint
-from spectral.matrices import (ROLES, MatrixInfo, find_matrices, matrix_view, role_of, uses_conv1d_layout,
-                               why_not_matrix)
+from spectral.matrices import ROLES, MatrixInfo, find_matrices, matrix_view, role_of, uses_conv1d_layout, why_not_matrix
 
 
 def checkpoint_of(tmp_path, state: dict[str, torch.Tensor], config: dict | None = None):
