@@ -10,6 +10,7 @@ options = state.app_options()
 
 
 def _on_upload() -> None:
+    st.session_state.pop(state.LOAD_ERROR, None)  # a new choice replaces the message of the last one
     if files := st.session_state.get("uploads") or []:
         state.open_upload({f.name: f.getvalue() for f in files})
 

