@@ -15,9 +15,10 @@ settings), which prints its seconds and its peak RSS (the kernel's VmHWM):
 
 Until spectral/checkpoint.py opens GGUF files itself, step 2 builds the `Checkpoint` by hand from `spectral.gguf`
 (`gguf_checkpoint` below, a few lines that mirror what the loader will do). Printed: each run's open, analysis and
-total seconds, peak RSS, the GGUF / safetensors time ratio against the target (<= 1.5x), the GGUF peak RSS against
-the target (<= 1.2 GB), and the largest difference of σ̂ between the two analyses (the same weights: ~0).
-Timings on a shared machine are noisy: rerun with --repeats on a quiet one.
+total seconds, CPU seconds (the whole process), peak RSS, the GGUF / safetensors time ratio against the target
+(<= 1.5x) and the same ratio in CPU time, the GGUF peak RSS against the target (<= 1.2 GB), and the largest difference
+of σ̂ between the two analyses (the same weights: 0). Wall times on a shared machine are noisy: rerun with --repeats on
+a quiet one.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def gguf_checkpoint(path):
 """
 
 RUN = PEAK + GGUF_CHECKPOINT + """
-import json, sys, time
+import json, resource, sys, time
 from spectral.checkpoint import load_checkpoint
 from spectral.workspace import Workspace
 kind, path = sys.argv[1], sys.argv[2]
@@ -80,7 +81,9 @@ ckpt = gguf_checkpoint(path) if kind == "gguf" else load_checkpoint(path)
 t1 = time.perf_counter()
 analysis = Workspace(ckpt).analyze()
 t2 = time.perf_counter()
+usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"open": t1 - t0, "analysis": t2 - t1, "total": t2 - t0, "peak": hwm(),
+                  "cpu": usage.ru_utime + usage.ru_stime,
                   "sigma": {r.name: r.sigma for r in analysis.matrices}}))
 """
 
@@ -131,12 +134,13 @@ def main() -> None:
     def median(kind: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[kind])
 
-    print(f"{'':14s}{'open s':>9s}{'analysis s':>12s}{'total s':>9s}{'peak RSS':>11s}   ({len(runs['gguf'])} run(s), "
-          "medians)")
+    print(f"{'':14s}{'open s':>9s}{'analysis s':>12s}{'total s':>9s}{'CPU s':>8s}{'peak RSS':>11s}   "
+          f"({len(runs['gguf'])} run(s), medians)")
     for kind in ("safetensors", "gguf"):
         print(f"{kind:14s}{median(kind, 'open'):9.2f}{median(kind, 'analysis'):12.2f}{median(kind, 'total'):9.2f}"
-              f"{median(kind, 'peak') / MiB:9.0f} M")
+              f"{median(kind, 'cpu'):8.1f}{median(kind, 'peak') / MiB:9.0f} M")
     ratio = median("gguf", "total") / median("safetensors", "total")
+    cpu_ratio = median("gguf", "cpu") / median("safetensors", "cpu")
     peak = max(r["peak"] for r in runs["gguf"])
     a, b = runs["safetensors"][0]["sigma"], runs["gguf"][0]["sigma"]
     worst = max(abs(a[n] - b[n]) / abs(a[n]) for n in a if a[n]) if a.keys() == b.keys() else float("nan")
@@ -144,6 +148,8 @@ def main() -> None:
     peak_met = "met" if peak <= TARGET_PEAK else "MISSED"
     print(f"time GGUF / safetensors = {ratio:.2f}x (target <= {TARGET_RATIO}x: {time_met}); GGUF peak RSS "
           f"{peak / 1e9:.2f} GB (target <= {TARGET_PEAK / 1e9:.1f} GB: {peak_met})")
+    print(f"CPU time GGUF / safetensors = {cpu_ratio:.2f}x (whole process, imports included: steadier than wall "
+          "time on a shared machine)")
     print(f"{len(a)} matrices in each analysis, same names: {a.keys() == b.keys()}; largest relative difference of "
           f"sigma between them: {worst:.1e}")
     print(f"temporary folder deleted: {not folder.exists()}")
