@@ -14,14 +14,15 @@ is refused), so memory stays near the largest matrix.
 Names and layout: GGUF dims are stored fastest-first, so a (rows = out features) x (cols = in features) weight is
 declared [cols, rows]; shapes here are reversed to PyTorch's orientation. Where `transformers` knows the architecture,
 tensors are presented under their Hugging Face names with llama.cpp's conversions undone by transformers' own tensor
-processors (the Q/K row permutation of Llama-family attention, Gemma's norm + 1, GPT-2's transposes, Bloom's fused
-QKV order), so roles, what-ifs and saved cuts use the layout of the Hugging Face model; the GGUF name stays on
-`GGUFTensorInfo.gguf_name`. Without transformers (or for an architecture it cannot build) the GGUF names and layout
-are kept: singular values are the same (the permutation only reorders rows), but the names carry no roles.
+processors (the Q/K row permutation of Llama-family attention, Gemma 2/3 norms stored + 1, GPT-2's transposes,
+Bloom's fused QKV order), so roles, what-ifs and saved cuts use the layout of the Hugging Face model; the GGUF name
+stays on `GGUFTensorInfo.gguf_name`. Without transformers (or for an architecture it cannot build) the GGUF names
+and layout are kept: singular values are the same (the permutation only reorders rows), but the names carry no roles.
 
 Quantisation noise (`GGUFFile.noise`): a block quantiser that rounds to a uniform grid of step Δ adds an error that is
-uniform on [-Δ/2, Δ/2] when the weights spread over many steps, variance Δ²/12 (Widrow & Kollár, "Quantization
-Noise", 2008, ch. 4). σ² is Δ²/12 averaged over the tensor's (sub-)blocks, with Δ read from the stored scales.
+uniform on [-Δ/2, Δ/2] when the weights spread over many steps, variance Δ²/12 (the pseudo-quantisation-noise model:
+Widrow & Kollár, "Quantization Noise", Cambridge University Press, 2008). σ² is Δ²/12 averaged over the tensor's
+(sub-)blocks, with Δ read from the stored scales; tests/test_gguf.py checks it against the library's own quantiser.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # v1 counted in 32 bits and is long gone; gguf.GGUFReader reads 2 and 3 too
 DEFAULT_ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
-MAX_TENSORS = 1 << 20  # far above any model (DeepSeek-V3 has ~1,100 tensors); bounds the header walk
+MAX_TENSORS = 1 << 20  # far above any model's few thousand tensors; bounds the header walk
 MAX_KEYS = 1 << 20
 MAX_NAME_BYTES = 1 << 16  # keys and tensor names (the spec limits keys to 65535 bytes, llama.cpp names to 64)
 MAX_ARRAY_ITEMS = 1 << 24  # per metadata array: vocabularies are ~10^5 tokens, merges up to ~10^6
@@ -134,7 +135,7 @@ def open_gguf(source: str | os.PathLike | bytes | bytearray | memoryview, *, hf_
     Hugging Face names in Hugging Face layout; otherwise under their GGUF names. Raises `GGUFError`."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = memoryview(source).cast("B")
-        return GGUFFile(_parse(data, len(data)), fd=None, data=data, hf_names=hf_names)
+        return GGUFFile(_parse(data, len(data)), fd=None, stamp=None, data=data, hf_names=hf_names)
     fd = _open_descriptor(Path(source))
     try:
         info = os.fstat(fd)
@@ -151,7 +152,8 @@ def open_gguf(source: str | os.PathLike | bytes | bytearray | memoryview, *, hf_
     except BaseException:
         os.close(fd)
         raise
-    return GGUFFile(header, fd=fd, data=None, hf_names=hf_names)
+    return GGUFFile(header, fd=fd, stamp=(info.st_size, info.st_mtime_ns, info.st_ino), data=None,
+                    hf_names=hf_names)
 
 
 def _open_descriptor(path: Path) -> int:
@@ -183,12 +185,12 @@ class GGUFFile:
     `config` is the Hugging Face config (the dict a config.json would hold) where transformers can build one, else
     None; `notes` says, one line each, what could not be done and why."""
 
-    def __init__(self, header: _Header, *, fd: int | None, data: memoryview | None, hf_names: bool):
-        self._header, self._fd, self._data = header, fd, data
-        self._stamp = None
-        if fd is not None:  # the descriptor opened with the file is the only way back to it: no path reopened later
-            st = os.fstat(fd)
-            self._stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    def __init__(self, header: _Header, *, fd: int | None, stamp: tuple | None, data: memoryview | None,
+                 hf_names: bool):
+        # the descriptor the header was read from is the only way back to the file (no path is reopened), and its
+        # (size, mtime, inode) stamp from before the parse must still hold at every read
+        self._header, self._fd, self._stamp, self._data = header, fd, stamp, data
+        if fd is not None:
             weakref.finalize(self, os.close, fd)
         self.version, self.size, self.metadata = header.version, header.size, header.metadata
         arch = header.metadata.get("general.architecture")
