@@ -1,10 +1,19 @@
 """Open a checkpoint (a file, raw bytes, a folder or a set of uploaded files) as named tensors, safely.
 
-Formats: safetensors (validated here before the library sees it, then memory-mapped and read one tensor at a time),
-PyTorch `.pt/.pth/.bin/.ckpt` (zip or legacy pickle, through `torch.load(weights_only=True)`, so a pickle can never run
-code), and Hugging Face folders (config.json with one or several safetensors/bin shards and their index). Magic bytes
-decide the format, not the extension. Every failure is a `CheckpointError` whose message is one line: the file, then
-what is wrong with it.
+Formats: safetensors (header validated here as strictly as the library does, uploads included; then each tensor read
+by offset through one descriptor per file, kept open), PyTorch `.pt/.pth/.bin/.ckpt` (zip or legacy pickle, through
+`torch.load(weights_only=True)`, so a pickle can never run code), and Hugging Face folders (config.json with one or
+several safetensors/bin shards and their index). Magic bytes decide the format, not the extension. Every failure is
+a `CheckpointError` whose message is one line: the file, then what is wrong with it; a file's own bytes are never
+quoted.
+
+Hostile files: what a file declares is checked against the bytes it has and against MEMORY_BUDGET before anything is
+allocated (zip entries must be stored, not compressed, and must not overlap; a pickle is dry-run by `_Census` first:
+its storages within their records, its tensors within their storages, nothing it would allocate itself over the
+budget; JSON is bounded by its value count before it is parsed), and a checkpoint holds at most MAX_TENSORS tensors.
+
+The server folder (`list_checkpoints`, `open_in_folder`): every path opened resolves inside the folder, the entry and
+each file read inside it; `Checkpoint.root` keeps the bound for side files read later (`Checkpoint.side_file`).
 
 Tied tensors (one storage under two names, or equal values in a known embedding/LM-head pair) are reported as groups
 in `Checkpoint.tied_groups`, so the analysis treats them as one matrix with several names.
@@ -46,6 +55,17 @@ def _env_bytes(name: str, default: int) -> int:
     return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " "))
 
 
+def _env_count(name: str, default: int) -> int:
+    """A positive count from the environment, else `default`."""
+    text = os.environ.get(name, "").strip().replace("_", "").replace(",", "")
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        warnings.warn(f"{name}={text!r} is not a positive count; using {default}", stacklevel=2)
+        return default
+    return int(text)
+
+
 FORMATS = ("safetensors", "pytorch", "huggingface", "demo")
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 HASH_CHUNK = 8 * 1024 * 1024  # sha256 is streamed in 8 MiB chunks
@@ -53,7 +73,7 @@ SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger h
 # What a load may allocate beyond the bytes it was handed (decoded PyTorch uploads, legacy files, pickles, JSON):
 # checked before allocating. Memory-mapped and pread tensor data do not count: their bytes are on disk.
 MEMORY_BUDGET = _env_bytes("SPECTRA_MEMORY_BUDGET", 1 << 30)
-MAX_TENSORS = int(_env_bytes("SPECTRA_MAX_TENSORS", 100_000))  # per checkpoint, all shards together
+MAX_TENSORS = _env_count("SPECTRA_MAX_TENSORS", 100_000)  # per checkpoint, all shards together
 PICKLE_AMPLIFICATION = 80  # worst case bytes of objects per pickle byte (a run of EMPTY_DICT: 72)
 JSON_VALUE_BYTES = 80  # worst case bytes per parsed JSON value (an empty object and its slot)
 MAX_JSON_DEPTH = 100  # config.json and index files nested deeper are refused (real ones nest 3-4 levels)

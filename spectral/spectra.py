@@ -4,28 +4,132 @@ Route (RMT.md §8): the eigenvalues of the M×M Gram matrix (M = the short side)
 The Gram route costs about M²N + M³ flops against about 4M²N for a bidiagonal SVD, and its absolute error on each
 s_i² is about M·ε·s_1² (ε = 2.2e-16), so s_i is accurate to a relative 1e-6 while s_i/s_1 > 1e-5. When the smallest
 singular value falls below that ratio (near-singular matrices, the left tail), the exact SVD is used instead.
+
+Memory: the Gram matrix is summed from slices of W converted to float64 one at a time (GRAM_BLOCK_BYTES each), so
+W is never copied whole: the peak beside W itself is the M×M Gram matrix, the eigensolver's copy of it and one slice.
+Products of exact float64 conversions, summed in float64: the same arithmetic as one W·Wᵀ, in another order.
 """
 from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 GRAM_SAFE_RATIO = 1e-5  # below this s_min/s_max the Gram route loses digits: fall back to the SVD
+GRAM_BLOCK_BYTES = 32 << 20  # float64 bytes of W converted at a time while the Gram matrix is summed
+PROGRESS_SECONDS = 1.0  # on big matrices, `progress` is called at least this often (when the work allows)
+EIG_WORK = 4.0  # the eigensolver's cost in units of one Gram multiply-add per M³ (measured: dsyevd ≈ 3.7 M³)
+EIG_BESIDE_MIN = 1024  # from this short side up, the eigensolver runs in a thread while progress keeps moving
+
+Progress = Callable[[float], None]  # the fraction of this matrix's work done, 0 to 1
 
 
-def singular_values(matrix: torch.Tensor, method: str = "auto") -> np.ndarray:
-    """Singular values of a 2-D tensor, descending, float64. method: "auto" (Gram, SVD fallback), "gram" or "svd"."""
+def singular_values(matrix: torch.Tensor, method: str = "auto", progress: Progress | None = None) -> np.ndarray:
+    """Singular values of a 2-D tensor, descending, float64. method: "auto" (Gram, SVD fallback), "gram" or "svd".
+
+    `progress(fraction)` is called as the work advances: after Gram slices, and while the eigensolver runs (its
+    fraction then estimated from how long the Gram product took, capped below the end), then with 1.0."""
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
-    w = matrix.detach().to(dtype=torch.float64, device="cpu")
-    if method == "svd":
-        return torch.linalg.svdvals(w).numpy()
-    if method not in ("auto", "gram"):
+    if method not in ("auto", "gram", "svd"):
         raise ValueError(f"unknown method {method!r}; use auto, gram or svd")
+    w = matrix.detach()
+    if w.device.type != "cpu":
+        w = w.cpu()
+    if method == "svd":
+        s = torch.linalg.svdvals(w.to(torch.float64)).numpy()
+        if progress:
+            progress(1.0)
+        return s
     m, n = w.shape
-    gram = w @ w.T if m <= n else w.T @ w  # (M, M), symmetric positive semi-definite
-    eig = torch.linalg.eigvalsh(gram).numpy()[::-1]
-    s = np.sqrt(np.clip(eig, 0.0, None))
+    short, long = min(m, n), max(m, n)
+    gram_work, eig_work = float(short) * short * long, EIG_WORK * float(short) ** 3
+    total = gram_work + eig_work or 1.0
+    report = _Reporter(progress)
+    start = time.perf_counter()
+    gram = _gram(w, lambda done: report(done * gram_work / total))
+    gram_seconds = time.perf_counter() - start
+    expected = gram_seconds * eig_work / max(gram_work, 1.0)  # the eigensolver's time, predicted from the Gram's
+    eig = _eigvalsh(gram, report if progress else None,
+                    lambda elapsed: (gram_work + eig_work * _eased(elapsed / max(expected, 1e-9))) / total)
+    del gram
+    s = np.sqrt(np.clip(eig.numpy()[::-1], 0.0, None))
     if method == "auto" and s.size and s[0] > 0 and s[-1] < GRAM_SAFE_RATIO * s[0]:
-        return torch.linalg.svdvals(w).numpy()
+        s = torch.linalg.svdvals(w.to(torch.float64)).numpy()
+    if progress:
+        progress(1.0)
     return np.ascontiguousarray(s)
+
+
+def _eased(ratio: float) -> float:
+    """The eigensolver's share done after `ratio` of its predicted time: linear to 0.8, then creeping towards 0.95
+    (hyperbolically, so it still moves when the run is a hundred times slower than predicted): never the end."""
+    if ratio <= 0.8:
+        return ratio
+    return 0.95 - 0.15 / (1.0 + (ratio - 0.8))
+
+
+def _gram(w: torch.Tensor, done: Callable[[float], None]) -> torch.Tensor:
+    """W·Wᵀ (rows ≤ cols) or Wᵀ·W in float64, summed over slices along the long side converted one at a time."""
+    m, n = w.shape
+    short, long = min(m, n), max(m, n)
+    if w.dtype == torch.float64 or short * long * 8 <= GRAM_BLOCK_BYTES:  # whole: no copy, or a small one
+        w64 = w.to(torch.float64)
+        gram = w64 @ w64.T if m <= n else w64.T @ w64
+        done(1.0)
+        return gram
+    step = max(1, GRAM_BLOCK_BYTES // (8 * short))
+    gram = torch.zeros(short, short, dtype=torch.float64)
+    for begin in range(0, long, step):
+        if m <= n:
+            block = w[:, begin:begin + step].to(torch.float64)  # (M, b)
+            gram.addmm_(block, block.T)
+        else:
+            block = w[begin:begin + step].to(torch.float64)  # (b, M)
+            gram.addmm_(block.T, block)
+        done(min(begin + step, long) / long)
+    return gram
+
+
+def _eigvalsh(gram: torch.Tensor, report: Callable[[float], None] | None,
+              fraction: Callable[[float], float]) -> torch.Tensor:
+    """Ascending eigenvalues of the symmetric Gram matrix. LAPACK reports nothing while it works, so for a big one
+    it runs in a thread (torch releases the GIL) and this thread keeps `report` moving with `fraction(elapsed)`."""
+    if report is None or gram.shape[0] < EIG_BESIDE_MIN:
+        return torch.linalg.eigvalsh(gram)
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            result["values"] = torch.linalg.eigvalsh(gram)
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread, raised there
+            result["error"] = error
+
+    worker = threading.Thread(target=work, name="eigvalsh", daemon=True)
+    start = time.perf_counter()
+    worker.start()
+    while worker.is_alive():
+        worker.join(PROGRESS_SECONDS)
+        if worker.is_alive():
+            report(fraction(time.perf_counter() - start), force=True)
+    if "error" in result:
+        raise result["error"]
+    return result["values"]
+
+
+class _Reporter:
+    """Calls `progress` with a fraction, at most every PROGRESS_SECONDS / 2 unless forced, never going backwards."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.last_call, self.last_value = progress, 0.0, -1.0
+
+    def __call__(self, fraction: float, force: bool = False) -> None:
+        if self.progress is None or fraction <= self.last_value:
+            return
+        now = time.perf_counter()
+        if force or now - self.last_call >= PROGRESS_SECONDS / 2:
+            self.progress(min(fraction, 1.0))
+            self.last_call, self.last_value = now, fraction

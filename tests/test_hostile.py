@@ -670,3 +670,14 @@ def test_an_upload_the_library_would_refuse_is_refused_at_load(tmp_path, header,
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():
         assert torch.equal(tensor, theirs[name])
+
+
+def test_the_budget_and_the_tensor_bound_come_from_the_environment():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), SPECTRA_MEMORY_BUDGET="2G",
+               SPECTRA_MAX_TENSORS="5000")
+    code = "from spectral import checkpoint as c; print(c.MEMORY_BUDGET, c.MAX_TENSORS)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == [str(2 << 30), "5000"]

@@ -1,8 +1,15 @@
 """Singular values by the Gram route agree with LAPACK's SVD, and the SVD fallback guards near-singular matrices."""
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from spectral import spectra
 from spectral.spectra import singular_values
 
 
@@ -38,3 +45,82 @@ def test_near_singular_matrix_falls_back_to_the_exact_svd():
 def test_rejects_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         singular_values(torch.ones(5))
+
+
+@pytest.mark.parametrize("shape", [(96, 700), (700, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gram_summed_over_slices_matches_lapack(monkeypatch, shape, dtype):
+    """The Gram matrix built slice by slice (here 10 columns or rows at a time) is the same arithmetic as W·Wᵀ."""
+    monkeypatch.setattr(spectra, "GRAM_BLOCK_BYTES", 8 * 96 * 10)
+    w = (torch.from_numpy(np.random.default_rng(2).standard_normal(shape)) * 0.02).to(dtype)
+    exact = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(singular_values(w, method="gram"), exact, rtol=1e-9)
+
+
+def test_progress_rises_to_one_and_never_goes_back(monkeypatch):
+    monkeypatch.setattr(spectra, "GRAM_BLOCK_BYTES", 8 * 64 * 16)
+    monkeypatch.setattr(spectra, "PROGRESS_SECONDS", 0.0)  # report every slice
+    seen = []
+    singular_values(torch.randn(64, 1024), progress=seen.append)
+    assert seen[-1] == 1.0 and len(seen) >= 64
+    assert all(b > a for a, b in itertools.pairwise(seen)) and 0 < seen[0] < 1
+
+
+def test_progress_keeps_moving_while_the_eigensolver_runs(monkeypatch):
+    """LAPACK says nothing while it works: a big matrix's eigensolver runs beside a thread that keeps reporting."""
+    monkeypatch.setattr(spectra, "EIG_BESIDE_MIN", 64)
+    monkeypatch.setattr(spectra, "PROGRESS_SECONDS", 0.001)
+    calls = []
+    real = torch.linalg.eigvalsh
+
+    def slow(gram):
+        time.sleep(0.2)
+        return real(gram)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", slow)
+    w = torch.randn(128, 256, dtype=torch.float64)
+    s = singular_values(w, progress=lambda f: calls.append((time.perf_counter(), f)))
+    np.testing.assert_allclose(s, np.linalg.svd(w.numpy(), compute_uv=False), rtol=1e-9)
+    during = [f for _, f in calls if f < 1.0]
+    assert len(during) >= 10, "reports kept coming while the eigensolver ran"
+    assert all(b > a for a, b in itertools.pairwise(during)) and max(during) < 1.0 and calls[-1][1] == 1.0
+
+
+def test_an_error_in_the_eigensolver_thread_reaches_the_caller(monkeypatch):
+    monkeypatch.setattr(spectra, "EIG_BESIDE_MIN", 8)
+
+    def broken(gram):
+        raise RuntimeError("LAPACK failed")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", broken)
+    with pytest.raises(RuntimeError, match="LAPACK failed"):
+        singular_values(torch.randn(16, 32), progress=lambda f: None)
+
+
+PEAK = """
+import json, sys, torch
+from spectral.spectra import singular_values
+rows, cols = int(sys.argv[1]), int(sys.argv[2])
+w = torch.empty(rows, cols).normal_(0, 0.02)  # float32
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+base = hwm()
+s = singular_values(w, method="gram")
+print(json.dumps({"base": base, "peak": hwm(), "top": float(s[0])}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_is_the_gram_matrix_not_a_float64_copy_of_w():
+    """A 1024 x 32768 float32 matrix (128 MiB): a float64 copy of W would add 256 MiB; summed slice by slice the
+    Gram route adds its 8 MiB Gram matrix, the eigensolver's copy and one 32 MiB slice."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-c", PEAK, "1024", "32768"], capture_output=True, text=True, env=env,
+                          check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    extra = report["peak"] - report["base"]
+    assert extra < 100 * 2 ** 20, f"{extra / 2 ** 20:.0f} MiB beyond W"
