@@ -177,3 +177,23 @@ def test_pruning_slider_moves_and_the_metrics_change(page, app_url):
     assert float(after["KL (nats/position)"]) > float(before["KL (nats/position)"])
     assert re.fullmatch(r"[\d.]+%", after["Top-1 agreement"])
     assert after["Compression"] != before["Compression"]
+    # every figure shows the same move as the numbers: the chart's "current" star is the new cut
+    legend = page.locator('[data-testid="stPlotlyChart"] .legendtext', has_text="current:")
+    legend.first.wait_for()
+    assert legend.evaluate_all("els => els.map(e => e.textContent.trim())") == ["current: rank 30%"]
+
+
+@needs_demo
+def test_a_per_matrix_override_reaches_the_numbers(page, app_url):
+    goto_page(page, app_url, "Pruning")
+    choose(page, "prune_strategy", "No cut (precision only)")
+    before = metric_values(page)
+    page.locator('[data-testid="stExpander"]', has_text="Per-matrix overrides").click()
+    choose(page, "override_matrix", "tok_emb.weight")
+    choose(page, "override_strategy", "Replace by zeros")
+    page.locator(".st-key-override_add button").click()
+    page.wait_for_timeout(300)
+    wait_idle(page)
+    page.locator('[data-testid="stCaptionContainer"]', has_text="1 override").first.wait_for()
+    after = metric_values(page)
+    assert before["KL (nats/position)"] == "0.0000" and float(after["KL (nats/position)"]) > 1.0
