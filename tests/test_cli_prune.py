@@ -185,3 +185,34 @@ def test_missing_hyperparameter_is_named_and_config_supplies_it(tmp_path, capsys
 def test_malformed_config_is_a_usage_error(ckpt_path, capsys):
     code, _, err = prune([ckpt_path, "--strategy", "none", "--config", "n_head"], capsys)
     assert code == 2 and "KEY=VALUE" in err
+
+
+# ------------------------------------------------------------------------------------------ --heal (issue 16)
+
+def test_heal_adds_exactly_the_heal_block_and_keeps_the_cut_numbers(ckpt_path, tmp_path, capsys):
+    code, out, _ = prune([ckpt_path, "--strategy", "rank", "--value", "0.25", "--positions", "64"], capsys)
+    plain = json.loads(out)
+    target = tmp_path / "healed.safetensors"
+    code, out, _ = prune([ckpt_path, "--strategy", "rank", "--value", "0.25", "--positions", "64", "--heal", "2",
+                          "--heal-lr", "0.01", "--save-healed", target], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["kl"] == plain["kl"] and data["agreement"] == plain["agreement"]
+    assert set(data["heal"]) == {"steps", "mode", "train", "curve", "seconds"}
+    assert data["heal"]["steps"] == 2 and data["heal"]["mode"] == "distill" and data["heal"]["train"] == "factors"
+    assert [p["step"] for p in data["heal"]["curve"]] == [0, 1, 2]
+    assert all(set(p) == {"step", "kl", "agreement", "perplexity"} for p in data["heal"]["curve"])
+    assert data["heal"]["curve"][0]["kl"] == pytest.approx(data["kl"], rel=1e-4)
+    assert load_checkpoint(target).metadata["spectra_loader_note"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "none", "--heal", "2"], "nothing to train"),
+    (["--strategy", "rank", "--heal", "-1"], "non-negative"),
+    (["--strategy", "rank", "--heal-lr", "0.1", "--save-healed", "x.safetensors"], "needs --heal"),
+    (["--reference", "--heal", "2"], "not the --reference"),
+    (["--strategy", "rank", "--precision", "int8", "--heal", "2"], "float32"),
+])
+def test_heals_that_cannot_run_exit_2_with_one_line(ckpt_path, capsys, args, message):
+    code, out, err = prune([ckpt_path, "--positions", "64", *args], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err

@@ -16,6 +16,7 @@ from models.contract import ParamRef, Runnable
 from models.gpt import GPTConfig
 from models.registry import runnable_model
 from spectral.checkpoint import load_checkpoint
+from spectral.cli import main
 from spectral.evaluation import Evaluator
 from spectral.heal import (
     HealConfig,
@@ -28,6 +29,9 @@ from spectral.heal import (
     save_healed,
     training_data,
 )
+from spectral.research.common import jsonable
+from spectral.research.context import ResearchContext
+from spectral.research.redundancy import REPLACEMENTS, redundancy
 from spectral.runtime import BatchSpec, ModelRuntime
 from spectral.whatif import Choice, WhatIfSession
 from spectral.workspace import Workspace
@@ -346,3 +350,53 @@ def test_the_real_minilm_encoder_heals_by_cosine_distillation():
         Healer(session, HealConfig(steps=1, mode="lm"))
     tensors, _ = healed_state(result)
     assert sum(t.numel() for t in tensors.values()) == cut.prune.params_after
+
+
+# ------------------------------------------------------------------------------------------ the crystallization protocol
+
+def test_redundancy_heal_freezes_each_replacement_and_heals_the_rest(tiny_path):
+    ctx = ResearchContext.open(tiny_path, positions=128)
+    name = "blocks.0.attn.c_proj.weight"
+    result = redundancy(ctx, names=[name], heal_config=HealConfig(steps=2, train="factors"))
+    (row,) = result.rows
+    assert set(row.healed) == set(REPLACEMENTS)  # distill: no "trained" control
+    for replacement, healed in row.healed.items():
+        assert healed.config.train == "unfrozen" and healed.config.freeze == {name}
+        (frozen,) = [m for m in healed.matrices if m.info.name == name]
+        assert frozen.frozen and healed.before.kl == pytest.approx(row.outcomes[replacement].kl, rel=1e-4)
+        value = frozen.value()
+        if replacement == "zero":
+            assert not value.any()
+        elif replacement == "rank1":
+            assert torch.linalg.matrix_rank(value) == 1
+        expected = ctx.original(name) if replacement != "zero" else None
+        if replacement == "random":  # same norm as the original, not the original
+            assert float(value.norm()) == pytest.approx(float(expected.norm()), rel=1e-5)
+            assert not torch.allclose(value, expected)
+    doc = jsonable(result.to_dict())
+    assert set(doc["heal"]) == {"steps", "mode", "train", "lr", "seconds"} and doc["heal"]["train"] == "unfrozen"
+    (row_doc,) = doc["rows"]
+    assert set(row_doc["heal"]) == set(REPLACEMENTS)
+    assert all(set(h) == {"steps", "mode", "train", "curve", "seconds"} for h in row_doc["heal"].values())
+    assert row_doc["healed_damage_best"] == min(row_doc[f"healed_kl_{r}"] for r in REPLACEMENTS)
+
+
+def test_lm_healed_redundancy_runs_the_trained_control(tiny_path):
+    ctx = ResearchContext.open(tiny_path, positions=128)
+    result = redundancy(ctx, names=["blocks.1.mlp.c_fc.weight"], heal_config=HealConfig(steps=1, mode="lm"))
+    (row,) = result.rows
+    assert set(row.healed) == {*REPLACEMENTS, "trained"}
+    control = row.healed["trained"]
+    assert control.before.kl == 0.0 and control.plan.cuts == {}  # frozen at its trained values, nothing cut
+
+
+def test_cli_redundancy_heal_writes_the_protocol_and_ranks_by_what_remains(tiny_path, tmp_path, capsys):
+    out = tmp_path / "redundancy.json"
+    code = main(["redundancy", str(tiny_path), "--positions", "64", "--matrix", "blocks.0.attn.c_proj.weight",
+                 "--matrix", "blocks.1.mlp.c_proj.weight", "--heal", "1", "--json", str(out)])
+    assert code == 0 and "healing steps" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["heal"]["steps"] == 1 and "healed_score_best" in doc["sort"]
+    scores = [r["healed_score_best"] for r in doc["rows"]]
+    assert scores == sorted(scores)
+    assert main(["redundancy", str(tiny_path), "--heal", "-3"]) == 2

@@ -177,6 +177,9 @@ def heal_config_of(args: argparse.Namespace) -> HealConfig | None:
         if args.save_healed:
             raise UsageError("--save-healed needs --heal STEPS")
         return None
+    if args.precision != "fp32":
+        raise UsageError(f"--heal: healing trains in float32 and --precision {args.precision} stores less; heal an "
+                         "fp32 cut (quantise after healing)")
     try:
         return HealConfig(steps=args.heal, mode=args.heal_mode, train=args.heal_train, lr=args.heal_lr,
                           seed=args.seed)
