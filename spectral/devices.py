@@ -97,3 +97,12 @@ def float32_error(matrix: torch.Tensor, device: Device) -> float:
     if reference.size == 0 or reference[0] == 0:
         return 0.0
     return float(np.max(np.abs(singular_values_on(matrix, device) - reference)) / reference[0])
+
+
+def device_note(device: Device, sample: torch.Tensor | None = None) -> str:
+    """The line the CLI prints and the Overview card shows: the device, and for a float32 device the error it was
+    measured to add on `sample` (a matrix of the checkpoint) against the float64 CPU route."""
+    if device.dtype == torch.float64 or sample is None:
+        return device.describe()
+    return (f"{device.describe()}: float32 singular values, measured max |Δs|/s_max = {float32_error(sample, device):.1e} "
+            "against float64 on one matrix")
