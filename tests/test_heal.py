@@ -400,3 +400,55 @@ def test_cli_redundancy_heal_writes_the_protocol_and_ranks_by_what_remains(tiny_
     scores = [r["healed_score_best"] for r in doc["rows"]]
     assert scores == sorted(scores)
     assert main(["redundancy", str(tiny_path), "--heal", "-3"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ the Pruning page's control
+
+def heal_page(path: str) -> None:
+    """The Heal control on a session of its own (AppTest runs this function's source as a script)."""
+    import streamlit as st
+
+    from spectral.whatif import Choice, WhatIfSession
+    from ui.heal import heal_panel
+
+    if "session" not in st.session_state:
+        st.session_state["session"] = WhatIfSession.open(path, positions=128)
+    heal_panel(st.session_state["session"], Choice("rank", 0.25), None)
+
+
+def wait_for_job(at, timeout: float = 120.0):
+    job = at.session_state["heal_job"]
+    assert job.wait(timeout) is not None, job.error
+    at.run()  # the polling fragment sees the end and asks for one full run
+    at.run()
+    return job
+
+
+def test_the_heal_control_runs_in_the_background_draws_the_curve_and_offers_the_file(tiny_path):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(heal_page, args=(str(tiny_path),), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.number_input(key="heal_steps").set_value(3)
+    at.button(key="heal_start").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    job = wait_for_job(at)
+    assert not at.exception, [e.value for e in at.exception]
+    assert [p.step for p in job.curve] == [0, 1, 2, 3]
+    assert any(m.label == "KL after healing" for m in at.metric)
+    assert any("rank 25%" in c.value and "training on" in c.value for c in at.caption)
+    assert at.get("download_button")  # the healed file is offered
+    assert len(at.get("vega_lite_chart")) == 2  # KL and agreement over the steps
+
+
+def test_stop_ends_a_running_heal_with_a_last_evaluation(tiny_path):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(heal_page, args=(str(tiny_path),), default_timeout=120).run()
+    at.number_input(key="heal_steps").set_value(5000)
+    at.button(key="heal_start").click().run()
+    at.button(key="heal_stop").click().run()
+    job = wait_for_job(at)
+    assert job.result.stopped and 0 < job.result.steps < 5000
+    assert job.curve[-1].step == job.result.steps
+    assert not at.exception, [e.value for e in at.exception]
