@@ -59,11 +59,16 @@ class ParamRef:
 
 @dataclass(frozen=True)
 class Stage:
-    """A consecutive piece of the forward pass: `run(overrides, x)` maps the previous stage's output to the next."""
+    """A consecutive piece of the forward pass: `run(overrides, x)` maps the previous stage's output to the next.
+
+    `x` is the model's input for the first stage; between stages it is whatever the builder chose (a tensor, or an
+    object such as `models.hf_stages.Hidden`: hidden states plus the captured arguments of every layer call), which
+    the evaluator caches per stage without looking inside. The last stage's output is the model's output; for causal
+    LMs its input is a tensor (B, T, C) and it is position-wise (sampling runs it on the last position only)."""
 
     name: str
     params: frozenset[str]  # canonical parameter names this stage reads
-    run: Callable[[Overrides, torch.Tensor], torch.Tensor]
+    run: Callable[[Overrides, object], object]
 
 
 @dataclass
@@ -71,7 +76,8 @@ class Runnable:
     """A runnable model built from a checkpoint (see the module docstring)."""
 
     module: nn.Module
-    kind: str  # "causal_lm" (logits over a vocabulary) | "encoder" (sentence embeddings)
+    kind: str  # "causal_lm" (logits over a vocabulary) | "encoder" (sentence embeddings) | "image_classifier"
+    # (pixel_values (B, 3, H, W) -> logits over classes (B, classes))
     architecture: str
     param_names: dict[str, list[ParamRef]]  # checkpoint tensor name -> module parameters it feeds
     tokenizer: object | None  # tokenizers.Tokenizer
@@ -81,6 +87,9 @@ class Runnable:
     stages: list[Stage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # things worth telling the user (ignored side files)
     pad_token_id: int | None = None  # encoders: the id that pads sentences to one length (masked out)
+    eval_inputs: torch.Tensor | None = None  # fixed evaluation inputs shipped with the runnable (image classifiers:
+    # pixel_values (N, 3, H, W), already resized and normalised by the model's image processor); None for text models
+    eval_inputs_source: str = ""  # one line saying where `eval_inputs` come from
     _by_name: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def params_for(self, tensor_names) -> list[ParamRef]:
@@ -99,7 +108,9 @@ class Runnable:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, overrides: Overrides | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) with some parameters replaced; `module` itself is never changed."""
+        """The module's output with some parameters replaced; `module` itself is never changed. `input_ids` is the
+        model's input: token ids (B, T), or pixel_values (B, 3, H, W) for an image classifier. Output: logits
+        (B, T, vocab) for a causal LM, embeddings (B, C) for an encoder, logits (B, classes) for a classifier."""
         overrides = overrides or {}
         if self.stages:
             x = input_ids
@@ -118,7 +129,7 @@ def canonical_names(module: nn.Module) -> dict[str, str]:
     return out
 
 
-_SWAP_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_SWAP_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _SWAP_LOCKS_GUARD = threading.Lock()
 
 
@@ -133,10 +144,10 @@ def swap_lock(module: nn.Module) -> threading.RLock:
 
 
 def locked_functional_call(module: nn.Module, params: Mapping[str, torch.Tensor], args: tuple, *,
-                           tie_weights: bool) -> torch.Tensor:
+                           tie_weights: bool, kwargs: dict | None = None):
     """`torch.func.functional_call` under the module's swap lock (never changes the module once it returns)."""
     with swap_lock(module):
-        return functional_call(module, dict(params), args, tie_weights=tie_weights, strict=False)
+        return functional_call(module, dict(params), args, kwargs, tie_weights=tie_weights, strict=False)
 
 
 def submodule_call(model: nn.Module, path: str, canonical: dict[str, str]):

@@ -9,8 +9,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -30,8 +30,8 @@ class GPTConfig:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        if not isinstance(config.n_head, int) or config.n_head <= 0 or config.n_embd % config.n_head:
+            raise ValueError(f"n_head={config.n_head!r} must be a positive divisor of n_embd={config.n_embd}")
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v stacked
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.n_head = config.n_head
@@ -102,7 +102,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T)."""
-        B, T = idx.shape
+        T = idx.shape[1]  # idx: (B, T)
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
         pos = torch.arange(T, device=idx.device)

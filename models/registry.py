@@ -6,14 +6,15 @@ GPT and nanoGPT itself.
 
 Dispatch, in this order (docs/supported.md lists what runs and what is "spectra only"):
 1. the demo architecture (models/gpt.py, metadata or config "architecture": "spectra-demo-gpt");
-2. Hugging Face families (models/hf.py, through `transformers`): a config.json `model_type` (GPT-2, Llama, Mistral,
-   Qwen2, BERT, RoBERTa, XLM-RoBERTa, DistilBERT), or a GPT-2/Llama/BERT layout recognised by its tensor names;
+2. Hugging Face models (models/hf.py, through `transformers`): any config.json `model_type` transformers can build
+   as a causal LM, an encoder or an image classifier, or a GPT-2/Llama/BERT layout recognised by its tensor names;
 3. nanoGPT (`ckpt.pt` with `model_args`, or a bare state dict; keys `transformer.wte/wpe/h.N...`, `lm_head` tied to
    `wte`; `_orig_mod.` prefixes are stripped by the loader), which is the demo's network under other names;
 4. anything else: `NotRunnable` ending in "spectra only".
 A hyperparameter the shapes do not fix (heads, RoPE base, norm epsilon) comes from config.json, nanoGPT's
 `model_args`, safetensors metadata or `config_overrides`; never from a guess. Missing ones are listed in
-`NotRunnable.needs`, so the dashboard can ask for them.
+`NotRunnable.needs`, so the dashboard can ask for them. Whatever goes wrong while building a model (a hostile or
+inconsistent config included) is `NotRunnable` with one line, never a traceback.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from models.contract import (
     submodule_call,
 )
 from models.gpt import GPT, GPTConfig
+from models.hf import side_file
 
 DEMO_ARCHITECTURE = "spectra-demo-gpt"
 NANOGPT_ARCHITECTURE = "nanogpt"
@@ -48,12 +50,24 @@ TOKENIZER_FILE = "tokenizer.json"
 # ------------------------------------------------------------------------------------------------------ entry point
 
 def runnable_model(checkpoint, *, tokenizer=None, eval_text: str | None = None,
-                   config_overrides: dict | None = None) -> Runnable:
-    """A `Runnable` for a loaded `spectral.checkpoint.Checkpoint`, or `NotRunnable` saying why not.
+                   config_overrides: dict | None = None, memory_budget: int | None = None) -> Runnable:
+    """A `Runnable` for a loaded `spectral.checkpoint.Checkpoint`, or `NotRunnable` saying why not (one line).
 
     `tokenizer` (a tokenizers.Tokenizer or a path to tokenizer.json) and `eval_text` replace what is found beside the
     weights (or uploaded with them); `config_overrides` supplies hyperparameters the checkpoint does not record
-    (e.g. {"n_head": 12}); `NotRunnable.needs` says which."""
+    (e.g. {"n_head": 12}); `NotRunnable.needs` says which. `memory_budget`: bytes the built model may take
+    (default: `models.limits.default_budget()`)."""
+    try:
+        return _runnable_model(checkpoint, tokenizer, eval_text, config_overrides, memory_budget)
+    except NotRunnable:
+        raise
+    except (Exception, RecursionError, MemoryError) as e:  # noqa: BLE001 - whatever a hostile file provokes
+        text = " ".join(str(e).split())[:200]
+        raise NotRunnable(checkpoint.source, f"cannot build the model ({type(e).__name__}"
+                                             f"{': ' + text if text else ''}); spectra only") from None
+
+
+def _runnable_model(checkpoint, tokenizer, eval_text, config_overrides, memory_budget) -> Runnable:
     names = set(checkpoint.names())
     config = dict(checkpoint.config or {})
     config.update(config_overrides or {})
@@ -64,12 +78,12 @@ def runnable_model(checkpoint, *, tokenizer=None, eval_text: str | None = None,
                                              and any(n.startswith("blocks.") for n in names)):
         runnable = _build_gpt(checkpoint, config, _DEMO_NAMES, DEMO_ARCHITECTURE)
     elif architecture != NANOGPT_ARCHITECTURE and (model_type := hf.hf_model_type(checkpoint, config)):
-        runnable = hf.build(checkpoint, config, model_type)
+        runnable = hf.build(checkpoint, config, model_type, memory_budget=memory_budget)
     elif architecture == NANOGPT_ARCHITECTURE or "transformer.wte.weight" in names:
         runnable = _build_gpt(checkpoint, config, _NANOGPT_NAMES, NANOGPT_ARCHITECTURE)
     else:
         raise NotRunnable(checkpoint.source, "architecture not recognised (runnable: the demo GPT, nanoGPT, and "
-                          "Hugging Face GPT-2, Llama-family and BERT-family models; see docs/supported.md); "
+                          "Hugging Face models with a config.json transformers can build; see docs/supported.md); "
                           "spectra only")
     _attach_text(runnable, checkpoint, tokenizer, eval_text)
     return runnable
@@ -118,15 +132,19 @@ def _build_gpt(checkpoint, config: dict, to_module_name: Callable[[str], str], a
                 "bias": "ln_f.bias" in by_module}
     if "pos_emb.weight" in by_module:
         inferred["block_size"] = shapes[by_module["pos_emb.weight"]][0]
+    heads = Need("n_head", "attention heads per block (nanoGPT's GPT-2 small: 12)", "int",
+                 tuple(d for d in range(1, n_embd + 1) if n_embd % d == 0))
     if "n_head" not in config:
         raise NotRunnable(source, "the number of attention heads is not recorded (no config/model_args with "
-                          "n_head); give it (the Overview page asks; Python: config_overrides)",
-                          needs=(Need("n_head", "attention heads per block (nanoGPT's GPT-2 small: 12)", "int",
-                                      tuple(d for d in range(1, n_embd + 1) if n_embd % d == 0)),))
+                          "n_head); give it (the Overview page asks; Python: config_overrides)", needs=(heads,))
+    n_head = config["n_head"]
+    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head not in heads.choices:
+        raise NotRunnable(source, f"n_head={n_head!r} does not fit the weights: a head count is a positive divisor "
+                          f"of the width {n_embd}", needs=(heads,))
     values = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
     for key, value in inferred.items():
         if key in values and values[key] != value:
-            raise NotRunnable(source, f"config says {key}={values[key]} but the weights have {key}={value}")
+            raise NotRunnable(source, f"config says {key}={values[key]!r} but the weights have {key}={value!r}")
         values[key] = value
     try:
         gpt_config = GPTConfig(**values)
@@ -197,13 +215,10 @@ def _gpt_stages(model: GPT, canonical: dict[str, str]) -> list[Stage]:
 # ------------------------------------------------------------------------------------------------ tokenizer, text
 
 def _attach_text(runnable: Runnable, checkpoint, tokenizer, eval_text: str | None) -> None:
-    """Tokenizer and held-out text: given explicitly, else tokenizer.json / heldout.txt beside the weights."""
-    folder = _checkpoint_folder(checkpoint)
-    uploaded = getattr(checkpoint, "side_files", None) or {}
-    if tokenizer is None and TOKENIZER_FILE in uploaded:
-        tokenizer = uploaded[TOKENIZER_FILE]
-    if tokenizer is None and folder is not None and (folder / TOKENIZER_FILE).is_file():
-        tokenizer = folder / TOKENIZER_FILE
+    """Tokenizer and held-out text: given explicitly, else tokenizer.json / heldout.txt beside the weights (or
+    uploaded with them), read through `Checkpoint.side_file` (confined to the server folder)."""
+    if tokenizer is None:
+        tokenizer = side_file(checkpoint, TOKENIZER_FILE, runnable.notes)
     if isinstance(tokenizer, (str, Path, bytes)):
         label = TOKENIZER_FILE if isinstance(tokenizer, bytes) else str(tokenizer)
         try:
@@ -221,21 +236,10 @@ def _attach_text(runnable: Runnable, checkpoint, tokenizer, eval_text: str | Non
                               f"{runnable.vocab_size}; ignored")
         tokenizer = None
     runnable.tokenizer = tokenizer
-    if eval_text is None and EVAL_TEXT_FILE in uploaded:
-        eval_text = uploaded[EVAL_TEXT_FILE].decode("utf-8", errors="replace")
-    if eval_text is None and folder is not None and (folder / EVAL_TEXT_FILE).is_file():
-        eval_text = (folder / EVAL_TEXT_FILE).read_text(encoding="utf-8", errors="replace")
+    if eval_text is None:
+        text = side_file(checkpoint, EVAL_TEXT_FILE, runnable.notes)
+        eval_text = None if text is None else text.decode("utf-8", errors="replace")
     runnable.eval_text = eval_text
-
-
-def _checkpoint_folder(checkpoint) -> Path | None:
-    for f in checkpoint.files or []:
-        p = Path(f)
-        if p.is_file():
-            return p.parent
-        if p.is_dir():
-            return p
-    return None
 
 
 def gpt_metadata(runnable: Runnable) -> dict[str, str]:

@@ -1,7 +1,11 @@
 """models/hf.py: Hugging Face families built from config.json and the checkpoint's own tensors, checked against
-transformers' own `from_pretrained` of the same folder (the independent oracle), and what-ifs through them."""
+transformers' own `from_pretrained` of the same folder (the independent oracle), what-ifs through them, and configs
+that lie about their sizes (issue 17), refused before anything is allocated."""
 import json
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +19,12 @@ from spectral.matrices import find_matrices
 from spectral.runtime import BatchSpec, ModelRuntime
 from spectral.whatif import Choice, WhatIfSession
 from spectral.workspace import Workspace
+from tests.test_registry import nanogpt_ckpt
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional dependency")
 
 WIDTH, VOCAB, CONTEXT = 32, 96, 64
-SMALL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SMALL = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 CAUSAL = {
     "gpt2": lambda: transformers.GPT2Config(n_embd=WIDTH, n_layer=2, n_head=4, n_positions=CONTEXT, **SMALL),
     "llama": lambda: transformers.LlamaConfig(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2,
@@ -43,8 +48,9 @@ ENCODERS = {
                                                         max_position_embeddings=CONTEXT, vocab_size=VOCAB,
                                                         pad_token_id=0),
 }
-WORDS = ("the a cat dog sat ran on under mat log sun moon big small red blue quickly slowly and but it was "
-         "then there here bird fish tree house car road river hill").split()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "sun", "moon", "big", "small", "red",
+         "blue", "quickly", "slowly", "and", "but", "it", "was", "then", "there", "here", "bird", "fish", "tree",
+         "house", "car", "road", "river", "hill"]
 
 
 def save_pretrained(folder, model_type: str, seed: int = 0, **overrides):
@@ -356,3 +362,110 @@ def test_a_saved_cut_hugging_face_model_reloads_and_runs_with_the_cut(folders, t
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(reloaded.forward(x), runnable.forward(x, whatif.pruner.overrides()))
+
+
+# ------------------------------------------------------------------------------------ hostile configs (issue 17)
+
+HOSTILE_CHILD = r"""
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))  # a regression fails here, not the machine
+from models.contract import NotRunnable
+from models.registry import runnable_model
+from spectral.checkpoint import load_checkpoint
+import transformers.conversion_mapping, transformers.modeling_utils  # imported before timing: seconds of imports
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for label, path in json.loads(sys.argv[1]):
+    t0 = time.perf_counter()
+    try:
+        runnable_model(load_checkpoint(path))
+        said = "built"
+    except NotRunnable as e:
+        said = str(e)
+    print(json.dumps({"label": label, "seconds": time.perf_counter() - t0, "said": said}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024}))
+"""
+
+
+def lying_folder(folder: Path, model_type: str, **lies) -> Path:
+    """A tiny model (about 2 MB of float32 weights) saved by transformers, then its config.json edited to lie."""
+    torch.manual_seed(0)
+    config = {"gpt2": lambda: transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=64,
+                                                      vocab_size=1000),
+              "gptj": lambda: transformers.GPTJConfig(n_embd=128, n_layer=2, n_head=4, rotary_dim=8,
+                                                      n_positions=64, vocab_size=1000),
+              "llama": CAUSAL["llama"]}[model_type]()
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, **lies}))
+    return folder
+
+
+@pytest.mark.slow
+def test_lying_configs_are_refused_in_one_line_fast_and_without_allocating(tmp_path):
+    cases = {
+        "layers": (lying_folder(tmp_path / "a", "gpt2", n_layer=1_000_000_000),
+                   "says num_hidden_layers=1000000000 but the weights hold 2 layers"),
+        "layers as a float": (lying_folder(tmp_path / "b", "gpt2", n_layer=1e9),
+                              "not a valid gpt2 config (Validation error for field 'n_layer'"),
+        "positions": (lying_folder(tmp_path / "c", "gptj", n_positions=1_000_000_000),
+                      "the config implies 29.8 GB of buffers (largest transformer.rotary_emb.embed_positions"),
+        "width": (lying_folder(tmp_path / "d", "llama", hidden_size=1_000_000_000, head_dim=8),
+                  "has shape [96, 32], the llama config expects [96, 1000000000]"),
+        "heads": (lying_folder(tmp_path / "e", "gpt2", n_head=3), "cannot build gpt2 from its config ("),
+        "nanoGPT n_head 0": (nanogpt_ckpt(tmp_path / "f.pt", n_head=0), "n_head=0 does not fit the weights"),
+        "nanoGPT n_head -4": (nanogpt_ckpt(tmp_path / "g.pt", n_head=-4), "n_head=-4 does not fit the weights"),
+    }
+    assert (tmp_path / "a" / "model.safetensors").stat().st_size < 2.5e6
+    arg = json.dumps([(label, str(path)) for label, (path, _) in cases.items()])
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", HOSTILE_CHILD, arg], capture_output=True, text=True, timeout=300,
+                          check=False, cwd=Path(__file__).resolve().parents[1])
+    wall = time.perf_counter() - t0
+    assert done.returncode == 0, done.stderr[-2000:]
+    *rows, memory = [json.loads(line) for line in done.stdout.splitlines()]
+    for row in rows:
+        path, says = cases[row["label"]]
+        assert row["said"].startswith(str(path)) and says in row["said"], row
+        assert "\n" not in row["said"]
+        assert row["seconds"] < 10, row  # issue 17: <= 60 s; each is a few checks on shapes, no allocation
+    assert wall < 120
+    assert memory["peak_mb"] < 1536, memory  # issue 17: peak RSS <= 1.5 GB
+    assert memory["peak_mb"] - memory["base_mb"] < 300, memory  # and nothing near the sizes the configs claim
+
+
+def test_a_config_pointing_at_custom_code_gets_the_library_class_and_runs_no_code(tmp_path):
+    save_pretrained(tmp_path, "gpt2")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('custom code ran')\n")
+    runnable = runnable_model(load_checkpoint(tmp_path))
+    assert type(runnable.module.model) is transformers.GPT2LMHeadModel and not marker.exists()
+
+
+def test_a_model_over_the_memory_budget_is_spectra_only(folders):
+    ckpt = load_checkpoint(folders["llama"])
+    with pytest.raises(NotRunnable, match=r"over the memory budget of 0\.0 MB.*spectra only"):
+        runnable_model(ckpt, memory_budget=1000)
+    assert runnable_model(ckpt, memory_budget=10 << 20).kind == "causal_lm"
+
+
+def test_a_config_that_builds_more_modules_than_its_tensors_back_is_refused():
+    from torch import nn
+
+    from models.limits import module_count_limit
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    t0 = time.perf_counter()
+    with pytest.raises(NotRunnable, match="more than 1088 modules for 2 stored tensors"), \
+            module_count_limit("m", 2), torch.device("meta"):
+        nn.ModuleList([Block() for _ in range(10**7)])
+    assert time.perf_counter() - t0 < 5
+    with module_count_limit("m", 2), torch.device("meta"):
+        assert len(nn.ModuleList([Block() for _ in range(300)])) == 300  # within the bound: built

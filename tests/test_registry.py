@@ -1,5 +1,6 @@
 """models/registry.py: which checkpoints run, how their tensors map onto modules, and why the others do not."""
 import json
+import re
 
 import pytest
 import torch
@@ -122,6 +123,43 @@ def test_nanogpt_state_dict_without_heads_is_refused_until_told(tmp_path):
     with pytest.raises(NotRunnable, match="attention heads"):
         runnable_model(ckpt)
     assert runnable_model(ckpt, config_overrides={"n_head": 2}).block_size == 32
+
+
+def nanogpt_ckpt(path, **model_args):
+    """nanoGPT's ckpt.pt of `tiny_gpt()` with these model_args (the hostile ones of issue 17 included)."""
+    args = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "bias": True, "vocab_size": 64,
+            "dropout": 0.0, **model_args}
+    torch.save({"model": nanogpt_state(tiny_gpt()), "model_args": args}, path)
+    return path
+
+
+@pytest.mark.parametrize("n_head", [0, -4, 5, 2.0, "2", True])
+def test_a_head_count_that_does_not_fit_the_width_is_one_line_and_asked_for_again(tmp_path, n_head):
+    # issue 17: n_head 0 raised ZeroDivisionError out of the registry; -4 was accepted and failed in the forward pass
+    ckpt = load_checkpoint(nanogpt_ckpt(tmp_path / "ckpt.pt", n_head=n_head))
+    with pytest.raises(NotRunnable) as info:
+        runnable_model(ckpt)
+    message = str(info.value)
+    assert f"n_head={n_head!r} does not fit the weights" in message and "\n" not in message
+    (need,) = info.value.needs
+    assert need.name == "n_head" and need.choices == (1, 2, 4, 8, 16, 32)
+    assert runnable_model(ckpt, config_overrides={"n_head": 2}).architecture == "nanogpt"
+
+
+def test_gpt_module_refuses_a_head_count_that_is_not_a_positive_divisor():
+    for n_head in (0, -4, 5):
+        with pytest.raises(ValueError, match="positive divisor"):
+            GPT(GPTConfig(vocab_size=64, n_layer=1, n_embd=32, n_head=n_head, block_size=8))
+
+
+@pytest.mark.parametrize("args, says", [({"block_size": "32"}, "block_size='32' but the weights have block_size=32"),
+                                        ({"dropout": "x"}, "invalid GPT config"),
+                                        ({"n_layer": 10**9}, "n_layer=1000000000 but the weights have n_layer=2")])
+def test_model_args_the_weights_contradict_are_one_line(tmp_path, args, says):
+    ckpt = load_checkpoint(nanogpt_ckpt(tmp_path / "ckpt.pt", **args))
+    with pytest.raises(NotRunnable, match=re.escape(says)) as info:
+        runnable_model(ckpt)
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(tmp_path / "ckpt.pt"))
 
 
 def test_untied_head_is_refused_for_a_tied_architecture(tmp_path):
