@@ -9,8 +9,9 @@ Encoders (kind "encoder") report the mean cosine between original and cut senten
 nearest-neighbour agreement among the evaluation sentences instead, with kl None.
 
 The batch: text the user gives ("text"), else the model's bundled held-out text ("bundled": the demo's heldout.txt),
-else sequences sampled from the untouched model itself, seeded ("sampled"); `EvalBatch.source` says which. At least `DEFAULT_POSITIONS`
-predicted positions when the text is long enough. Encoders get sentences instead (`sentence_batch`: one padded row
+else, with a tokenizer, CPython's pydoc_data.topics ("builtin"), else sequences sampled from the untouched model
+itself, seeded ("sampled"); `EvalBatch.source` says which. At least `DEFAULT_POSITIONS` predicted positions when the
+text is long enough. Encoders get sentences instead (`sentence_batch`: one padded row
 per sentence): the user's text, else the bundled text, else sentences of CPython's `pydoc_data.topics` ("builtin"),
 else, without a tokenizer, seeded random token ids ("random").
 
@@ -177,6 +178,12 @@ def random_sentence_batch(runnable, *, sentences: int = DEFAULT_SENTENCES, lengt
                                           "(no tokenizer: give tokenizer.json and text for real sentences)")
 
 
+def builtin_text() -> str:
+    """CPython's `pydoc_data.topics` (the demo's corpus): English text every Python ships, the evaluation text of a
+    model that brings none of its own."""
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 def _encoder_batch(runnable, text: str | None, seed: int, length: int | None) -> EvalBatch:
     if text is not None:
         return sentence_batch(runnable, text, source="text", length=length)
@@ -184,22 +191,26 @@ def _encoder_batch(runnable, text: str | None, seed: int, length: int | None) ->
         return sentence_batch(runnable, runnable.eval_text, source="bundled", length=length,
                               detail="sentences of the held-out text shipped with the model")
     if runnable.tokenizer is not None:
-        stock = "\n\n".join(topics[k] for k in sorted(topics))
-        return sentence_batch(runnable, stock, source="builtin", length=length,
+        return sentence_batch(runnable, builtin_text(), source="builtin", length=length,
                               detail="sentences of CPython's pydoc_data.topics (no evaluation text given)")
     return random_sentence_batch(runnable, seed=seed)
 
 
 def make_eval_batch(runnable, text: str | None = None, *, positions: int = DEFAULT_POSITIONS, seed: int = 0,
                     length: int | None = None) -> EvalBatch:
-    """The evaluation batch: the user's text if given, else the model's bundled held-out text, else samples
-    (encoders: sentences, see `_encoder_batch`)."""
+    """The evaluation batch: the user's text if given, else the model's bundled held-out text, else CPython's
+    pydoc_data.topics when the model has a tokenizer (reading text costs one forward pass; sampling from a large
+    model costs one per token), else sequences sampled from the model (encoders: sentences, see `_encoder_batch`)."""
     if getattr(runnable, "kind", None) == "encoder":
         return _encoder_batch(runnable, text, seed, length)
     if text is not None:
         return text_batch(runnable, text, source="text", positions=positions, length=length)
     if runnable.eval_text and runnable.tokenizer is not None:
         return text_batch(runnable, runnable.eval_text, source="bundled", detail="held-out text shipped with the model",
+                          positions=positions, length=length)
+    if runnable.tokenizer is not None:
+        return text_batch(runnable, builtin_text(), source="builtin",
+                          detail="CPython's pydoc_data.topics (the model ships no evaluation text)",
                           positions=positions, length=length)
     return sample_batch(runnable, positions=positions, length=length, seed=seed)
 

@@ -7,7 +7,7 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from models.gpt import GPTConfig
 from models.registry import ParamRef, Runnable, runnable_model
@@ -311,3 +311,14 @@ def test_demo_batch_has_at_least_2000_positions_from_its_heldout_text():
     assert batch.source == "bundled" and batch.positions >= 2000 and batch.targets is not None
     m = Evaluator(runnable, batch).evaluate({})
     assert m.agreement == 1.0 and m.kl == 0.0 and m.perplexity_before == m.perplexity_after
+
+
+def test_a_model_with_a_tokenizer_but_no_text_reads_cpythons_topics_instead_of_sampling(gpt_session):
+    workspace, runnable = gpt_session
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    text_runnable = Runnable(module=runnable.module, kind="causal_lm", architecture="gpt", tokenizer=tokenizer,
+                             eval_text=None, block_size=32, vocab_size=64, param_names=runnable.param_names,
+                             stages=runnable.stages)
+    batch = make_eval_batch(text_runnable, positions=128)
+    assert batch.source == "builtin" and batch.targets is not None and batch.positions >= 128
