@@ -39,6 +39,7 @@ import json
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,8 +272,24 @@ def window_starts(n_tokens: int, positions: int, length: int) -> tuple[list[int]
     return starts, length
 
 
+_DATA_CACHE: weakref.WeakKeyDictionary[object, dict[tuple, TrainingData]] = weakref.WeakKeyDictionary()
+_DATA_GUARD = threading.Lock()
+
+
 def training_data(session, config: HealConfig) -> TrainingData:
-    """The training split for this session's evaluation batch (module docstring: never a held-out position)."""
+    """The training split for this session's evaluation batch (module docstring: never a held-out position); made
+    once per evaluator (shared by every session on the same checkpoint and text) and batch shape."""
+    key = (config.length, config.batch, config.mode, session.spec.key)
+    with _DATA_GUARD:
+        found = _DATA_CACHE.get(session.evaluator, {}).get(key)
+    if found is None:
+        found = _training_data(session, config)
+        with _DATA_GUARD:
+            _DATA_CACHE.setdefault(session.evaluator, {})[key] = found
+    return found
+
+
+def _training_data(session, config: HealConfig) -> TrainingData:
     runnable = session.runnable
     if runnable.kind == "encoder":
         return _encoder_data(session, config)
@@ -400,8 +417,6 @@ class Healer:
         self.evaluator = session.evaluator
         self.lock = session.runtime.lock
         self.kind = self.runnable.kind
-        if config.mode == "lm" and self.kind == "causal_lm" and config.steps and session.evaluator.batch is None:
-            raise HealError("lm healing needs token targets")
         self.plan = session.pruner.plan or Plan(Strategy("none"), "all", {})
         precision = sorted({c.precision for c in self.plan.cuts.values()} - {"fp32"})
         if precision:
@@ -426,10 +441,8 @@ class Healer:
             m = _Matrix(info, refs, cut, frozen)
             if cut.needs_factors:
                 m.a, m.b = _factors(self.workspace, info, cut)
-            elif cut.is_identity:
-                m.dense = self.session.pruner._original(info).detach().clone()
-            else:
-                m.dense = session.pruner.matrix(info.name).detach().clone()  # the working buffer, copied now
+            else:  # a replacement (the working buffer) or an uncut frozen matrix (the original), copied now
+                m.dense = session.pruner.matrix(info.name).detach().clone()
             self.matrices.append(m)
         self.leaves: list[torch.Tensor] = []
         train = config.train
@@ -451,22 +464,50 @@ class Healer:
             hint = ("; --heal-train unfrozen heals the rest of the model around frozen replacements"
                     if train == "factors" else "")
             raise HealError(f"nothing to train: the cut has no {'unfrozen low-rank factors' if train == 'factors' else 'unfrozen parameters'}{hint}")
-        self.data = training_data(session, config)
+        with self.lock:  # sampling runs the shared model, which a heal in another thread may have tensors swapped into
+            self.data = training_data(session, config)
         self.trainable_params = sum(t.numel() for t in self.leaves)
 
     # ------------------------------------------------------------------------------------------------ one step
 
-    def _forward(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        out = locked_functional_call(self.runnable.module, params, (inputs,), tie_weights=True)
-        return getattr(out, "logits", out)
+    def _start_stage(self, params: Mapping[str, torch.Tensor]) -> int:
+        """The first stage that reads a replaced parameter: the stages before it are the untouched model's."""
+        changed = set(params)
+        return next((i for i, stage in enumerate(self.runnable.stages) if stage.params & changed),
+                    len(self.runnable.stages))
+
+    def _outputs(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+                 teacher: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(student outputs with gradients, teacher outputs or None). Staged models run stage by stage, as the
+        evaluator does (the same per-submodule swap locks), sharing the untouched prefix with the teacher;
+        others through one functional call on the whole module."""
+        stages = self.runnable.stages
+        if not stages:
+            reference = None
+            if teacher:
+                with torch.no_grad():
+                    reference = locked_functional_call(self.runnable.module, {}, (inputs,), tie_weights=True)
+            return locked_functional_call(self.runnable.module, params, (inputs,), tie_weights=True), reference
+        start = self._start_stage(params)
+        with torch.no_grad():
+            x = inputs
+            for stage in stages[:start]:
+                x = stage.run({}, x)
+            reference = None
+            if teacher:
+                reference = x
+                for stage in stages[start:]:
+                    reference = stage.run({}, reference)
+        for stage in stages[start:]:
+            x = stage.run(params, x)
+        return x, reference
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         """The training loss of one batch (module docstring), with gradients to the trainable tensors."""
+        if inputs.is_inference():  # e.g. a batch sampled under inference mode: autograd cannot save those
+            inputs = inputs.clone()
         params = _module_tensors(self.matrices, self.dense)
-        if self.config.mode == "distill":
-            with torch.no_grad():
-                teacher = self._forward({}, inputs)
-        student = self._forward(params, inputs)
+        student, teacher = self._outputs(params, inputs, teacher=self.config.mode == "distill")
         if self.kind == "encoder":
             return 1.0 - F.cosine_similarity(student, teacher, dim=-1).mean()
         logits = student.reshape(-1, student.shape[-1]).float()

@@ -3,6 +3,7 @@ written, runs are deterministic, training tokens avoid the evaluated positions, 
 and reads back to the same metrics, and the demo and the real MiniLM encoder heal."""
 import hashlib
 import json
+import math
 import random
 from pathlib import Path
 
@@ -171,6 +172,16 @@ def test_step_zero_is_the_cut_as_the_pruning_page_reports_it(runtime):
     assert all(set(p) == {"step", "kl", "agreement", "perplexity"} for p in result.to_dict()["curve"])
 
 
+def test_the_distillation_loss_is_the_reported_kl_on_the_same_tokens(runtime):
+    # the training objective, computed by F.kl_div on the healer's staged forward, against the evaluator's KL
+    # (spectral/evaluation.py position_metrics) of the same cut on the same tokens
+    session = WhatIfSession(runtime)
+    cut = session.run(Choice("rank", 0.25))
+    healer = Healer(session, HealConfig(steps=0))
+    batch = session.evaluator.batch
+    assert float(healer.loss(batch.input_ids, batch.targets).detach()) == pytest.approx(cut.metrics.kl, rel=1e-4)
+
+
 def test_the_same_seed_gives_the_same_curve_and_another_seed_another(runtime):
     session = WhatIfSession(runtime)
     session.run(Choice("rank", 0.25))
@@ -292,6 +303,17 @@ def test_training_tokens_of_a_text_never_touch_an_evaluated_position(tmp_path):
     assert data.tokens + len(evaluated) <= len(ids)
     inputs, targets = data.draw(torch.Generator().manual_seed(0), 4)
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+def test_the_lm_loss_is_the_log_perplexity_the_page_reports(tmp_path):
+    rng = random.Random(2)
+    text = "".join(rng.choice(ALPHABET[:27]) for _ in range(2000))
+    session = WhatIfSession.open(tokenizer_folder(tmp_path, text), positions=256)
+    cut = session.run(Choice("rank", 0.5))
+    healer = Healer(session, HealConfig(steps=0, mode="lm", train="unfrozen"))
+    batch = session.evaluator.batch
+    assert float(healer.loss(batch.input_ids, batch.targets).detach()) == pytest.approx(
+        math.log(cut.metrics.perplexity_after), rel=1e-5)
 
 
 def test_lm_healing_lowers_the_perplexity_on_the_held_out_text(tmp_path):
