@@ -150,6 +150,22 @@ def test_a_heal_never_writes_the_shared_model_nor_any_sessions_working_copy(runt
     assert Evaluator(runtime.require(), mine.evaluator.batch).evaluate({}).kl == 0.0
 
 
+def test_other_sessions_see_only_their_own_cut_while_a_heal_runs_beside_them(runtime):
+    expected = WhatIfSession(runtime).run(Choice("rank", 0.5, scope="mlp")).metrics
+    healing = WhatIfSession(runtime)
+    healing.run(Choice("rank", 0.25))
+    job = HealJob(healing, HealConfig(steps=100_000, train="all", eval_every=7)).start()
+    try:
+        seen = []
+        for _ in range(6):  # each a fresh session: a new working copy and a new evaluation, between heal steps
+            seen.append(WhatIfSession(runtime).run(Choice("rank", 0.5, scope="mlp")).metrics)
+        assert job.running and job.step > 0  # the heal was really running meanwhile
+    finally:
+        job.stop()
+        job.wait(120)
+    assert all(m.kl == expected.kl and m.agreement == expected.agreement for m in seen)
+
+
 def test_the_snapshot_is_taken_when_the_heal_is_made_not_when_it_runs(runtime):
     session = WhatIfSession(runtime)
     session.run(Choice("rank", 0.25))
