@@ -12,6 +12,7 @@ from spectral import figures
 from spectral.pruning import PlanError
 from spectral.whatif import Choice
 from ui import state, widgets
+from ui.heal import heal_panel
 from ui.tables import chart
 
 st.title("Pruning")
@@ -31,6 +32,9 @@ if encoder:
     st.caption(f"Evaluation: {batch.sequences} sentences ({source}). An encoder predicts no tokens, so KL does not "
                "apply: the what-if reports the mean cosine between each sentence's original and cut embedding, and "
                "nearest-neighbour agreement among these sentences.")
+elif session.kind == "image_classifier":
+    st.caption(f"Evaluation: {batch.sequences} images ({source}); agreement and KL are over the classes the model "
+               "predicts for each image, cut against untouched.")
 else:
     st.caption(f"Evaluation: {batch.positions:,} predicted positions in {batch.sequences} sequences ({source}); "
                "metrics compare the cut model with the untouched one on this fixed batch.")
@@ -82,6 +86,7 @@ def live_panel():
 
 
 live_panel()
+heal_panel(session, st.session_state.get("prune_choice", Choice("mp", 2.0)), settings)
 
 st.subheader("Sensitivity: where does the model break?")
 st.caption("Cut one matrix (or one role) at a time with the current strategy and report the KL it alone causes.")

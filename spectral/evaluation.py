@@ -61,7 +61,10 @@ class EvalBatch:
 
     @property
     def positions(self) -> int:
-        return int(self.input_ids.numel()) if self.real_tokens is None else self.real_tokens
+        """Predicted positions (causal LMs), real tokens (encoders) or images (image classifiers: pixel inputs)."""
+        if self.real_tokens is not None:
+            return self.real_tokens
+        return self.sequences if self.input_ids.is_floating_point() else int(self.input_ids.numel())
 
     def to_dict(self) -> dict:
         """DESIGN.md `eval`: source, sequences, tokens (predicted positions)."""
@@ -200,9 +203,18 @@ def make_eval_batch(runnable, text: str | None = None, *, positions: int = DEFAU
                     length: int | None = None) -> EvalBatch:
     """The evaluation batch: the user's text if given, else the model's bundled held-out text, else CPython's
     pydoc_data.topics when the model has a tokenizer (reading text costs one forward pass; sampling from a large
-    model costs one per token), else sequences sampled from the model (encoders: sentences, see `_encoder_batch`)."""
-    if getattr(runnable, "kind", None) == "encoder":
+    model costs one per token), else sequences sampled from the model (encoders: sentences, see `_encoder_batch`;
+    image classifiers: the images the runnable brings, `Runnable.eval_inputs`; KL and top-1 agreement are then over
+    classes, one position per image)."""
+    kind = getattr(runnable, "kind", None)
+    if kind == "encoder":
         return _encoder_batch(runnable, text, seed, length)
+    if kind == "image_classifier":
+        if runnable.eval_inputs is None:
+            raise EvaluationError("this image classifier has no evaluation images")
+        if text is not None:
+            raise EvaluationError("an image classifier is evaluated on images, not text")
+        return EvalBatch(runnable.eval_inputs, None, "images", runnable.eval_inputs_source)
     if text is not None:
         return text_batch(runnable, text, source="text", positions=positions, length=length)
     if runnable.eval_text and runnable.tokenizer is not None:

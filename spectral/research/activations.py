@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from models.contract import swap_lock
 from spectral.research.common import Progress, blas_single_thread
 
 
@@ -138,7 +139,8 @@ def collect_input_moments(runnable, workspace, names: Iterable[str], input_ids: 
             for a in range(0, n, batch_size):
                 if progress:
                     progress(a, n, "activations")
-                runnable.forward(input_ids[a:a + batch_size])
+                with swap_lock(runnable.module):  # the plain forward: staged heads may re-run early modules on blanks
+                    runnable.module(input_ids[a:a + batch_size])
         if progress:
             progress(n, n, "")
     finally:
