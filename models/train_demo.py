@@ -1,6 +1,8 @@
 """Rebuild the bundled demo: a byte-pair tokenizer and a weight-tied GPT trained on CPython's pydoc_data.topics.
 
     python -m models.train_demo            # about 15 minutes on 2 CPU cores; writes models/demo/
+    python -m models.train_demo --snapshots models/demo/trajectory --snapshot-steps 0,10,30,100,300 --threads 1
+                                           # the same run's first 300 steps as fp16 snapshots; models/demo/ untouched
 
 The text is CPython's own documentation topics, so no download is needed. The last 10% of the text (by characters,
 topics in sorted order) is held out; it is saved as models/demo/heldout.txt so evaluation does not depend on the
@@ -23,11 +25,12 @@ from models.gpt import GPT, GPTConfig
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 HELDOUT_FRACTION = 0.1
+SNAPSHOT_NAME = "step-{:06d}.safetensors"  # the step in the name and in the metadata (spectral/trajectory.py reads both)
 
 
 def corpus_text() -> tuple[str, str]:
     """(train, held-out) text from pydoc_data.topics, split at 90% of the characters."""
-    import pydoc_data.topics as topics
+    from pydoc_data import topics
 
     text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
     cut = int(len(text) * (1 - HELDOUT_FRACTION))
@@ -69,9 +72,43 @@ def heldout_loss(model: GPT, ids: torch.Tensor, block_size: int) -> float:
     return total / (n * block_size)
 
 
+def save_snapshot(model: GPT, folder: Path, step: int, heldout: float | None = None) -> Path:
+    """The model at `step` as an fp16 safetensors file for a training trajectory (spectral/trajectory.py).
+
+    Only `tok_emb.weight` is written for the tied embedding/head pair (the registry re-ties `lm_head`), so a
+    snapshot is half the size of the fp32 demo minus the duplicate. The step is in the file name and metadata."""
+    tensors = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}
+    metadata = {"format": "pt", "architecture": "spectra-demo-gpt", "config": json.dumps(model.config.to_dict()),
+                "step": str(step)}
+    if heldout is not None:
+        metadata["heldout_loss"] = f"{heldout:.4f}"
+    path = folder / SNAPSHOT_NAME.format(step)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def parse_steps(text: str) -> list[int]:
+    """'0,10,30' -> [0, 10, 30] (sorted, unique, non-negative)."""
+    try:
+        steps = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of steps") from None
+    if not steps or steps[0] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more steps >= 0")
+    return steps
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEMO_DIR)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the trained model goes (default models/demo/, or nowhere with --snapshots)")
+    parser.add_argument("--snapshots", type=Path, default=None,
+                        help="write fp16 snapshots of the model during training into this folder; without --out the "
+                             "run stops after the last snapshot step and writes nothing else (models/demo/ untouched)")
+    parser.add_argument("--snapshot-steps", type=parse_steps, default=None, metavar="N,N,...",
+                        help="steps to snapshot (step 0 is the initialisation); default every --snapshot-every steps")
+    parser.add_argument("--snapshot-every", type=int, default=100, help="snapshot interval without --snapshot-steps")
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
@@ -84,6 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
+    if args.out is None and args.snapshots is None:
+        args.out = DEMO_DIR
+    if args.snapshot_every < 1:
+        parser.error("--snapshot-every must be at least 1")
+    snapshot_steps = set(args.snapshot_steps or range(0, args.steps + 1, args.snapshot_every))
+    stop_after = max(snapshot_steps) if args.out is None else None  # snapshots only: no need to train further
 
     torch.manual_seed(args.seed)
     if args.threads:
@@ -109,8 +152,21 @@ def main(argv: list[str] | None = None) -> None:
             return args.lr * (step + 1) / warmup
         return 0.1 * args.lr + 0.45 * args.lr * (1 + math.cos(math.pi * (step - warmup) / (args.steps - warmup)))
 
+    if args.snapshots is not None:
+        args.snapshots.mkdir(parents=True, exist_ok=True)
+        tok.save(str(args.snapshots / "tokenizer.json"))  # so each snapshot runs (registry side files)
+        (args.snapshots / "heldout.txt").write_text(heldout_text)
+
+    def snapshot(done: int) -> None:
+        """The model after `done` optimiser steps, if asked for."""
+        if args.snapshots is not None and done in snapshot_steps:
+            val = heldout_loss(model, heldout_ids, config.block_size)
+            path = save_snapshot(model, args.snapshots, done, val)
+            print(f"snapshot {path.name}  held-out {val:.3f}", flush=True)
+
     B, T = args.batch, config.block_size
     best, best_state, step = float("inf"), None, 0
+    snapshot(0)
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -122,7 +178,11 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        snapshot(step + 1)
         last = step == args.steps - 1 or (time.time() - start) / 60 > args.max_minutes
+        if stop_after is not None and step + 1 >= stop_after:
+            print(f"stopping after step {step + 1}: the last snapshot is written", flush=True)
+            return
         if step % 100 == 0 or last:
             val = heldout_loss(model, heldout_ids, T)
             print(f"step {step:5d}  train {loss.item():.3f}  held-out {val:.3f}  {time.time() - start:6.0f}s", flush=True)
