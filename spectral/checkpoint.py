@@ -257,9 +257,9 @@ def list_checkpoints(root: str | os.PathLike) -> list[str]:
     budget = [MAX_LISTED_ENTRIES]
 
     def visit(folder: Path, parts: tuple[str, ...]) -> None:
-        files, folders = _scan(folder, base, budget)
+        files, folders, escapes = _scan(folder, base, budget)
         is_model = "config.json" in files and any(n.lower().endswith(WEIGHT_SUFFIXES) for n in files)
-        if parts and is_model and None not in files.values():
+        if parts and is_model and not escapes:
             found.append(parts + ("",))
         if len(parts) >= LIST_DEPTH:  # a folder at the last level is offered whole, its contents are not
             return
@@ -305,11 +305,12 @@ def open_in_folder(root: str | os.PathLike, relative: str, *, max_bytes: int | N
     return ckpt
 
 
-def _scan(folder: Path, base: Path, budget: list[int]) -> tuple[dict[str, Path | None], dict[str, Path]]:
-    """The visible files (name -> resolved path, None when it resolves outside `base`) and the visible folders that
-    stay inside `base`, of one folder of a listing."""
+def _scan(folder: Path, base: Path, budget: list[int]) -> tuple[dict[str, Path | None], dict[str, Path], bool]:
+    """The visible files (name -> resolved path, None when it resolves outside `base`), the visible folders that
+    stay inside `base`, and whether any visible entry (file or folder) resolves outside it, of one listed folder."""
     files: dict[str, Path | None] = {}
     folders: dict[str, Path] = {}
+    escapes = False
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
@@ -323,6 +324,7 @@ def _scan(folder: Path, base: Path, budget: list[int]) -> tuple[dict[str, Path |
                 except (OSError, RuntimeError):  # dangling symlink, loop, permission
                     continue
                 inside = _is_inside(target, base)
+                escapes = escapes or not inside
                 if target.is_dir():
                     if inside:
                         folders[entry.name] = target
@@ -330,7 +332,7 @@ def _scan(folder: Path, base: Path, budget: list[int]) -> tuple[dict[str, Path |
                     files[entry.name] = target if inside else None
     except OSError:
         pass
-    return files, folders
+    return files, folders, escapes
 
 
 def _relative_parts(relative: str, *, label: str, max_depth: int | None) -> tuple[str, ...]:

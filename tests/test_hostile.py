@@ -94,7 +94,9 @@ def test_listing_does_not_offer_a_symlink_out_of_the_folder(server):
     (root / "shadow.safetensors").symlink_to(secret)
     (root / "escape").symlink_to(secret.parent, target_is_directory=True)
     folder = hf_folder(root / "poisoned")
-    (folder / "tokenizer.json").symlink_to(secret)  # a folder with any file pointing outside is not offered
+    (folder / "tokenizer.json").symlink_to(secret)  # a folder with any entry pointing outside is not offered
+    pooled = hf_folder(root / "pooled")
+    (pooled / "1_Pooling").symlink_to(secret.parent, target_is_directory=True)
     sub = root / "sub"
     sub.mkdir()
     (sub / "model.pt").symlink_to(secret)
