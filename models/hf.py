@@ -207,8 +207,7 @@ def build(checkpoint, config: dict, model_type: str, *, memory_budget: int | Non
         module.eval().requires_grad_(False)
         canonical = canonical_names(module)
         probe = _probe_input(kind, hf_config, vocab, pad, eval_inputs)
-        _check_runs(source, module, probe, model_type, kind)
-        stages = _stages(module, kind, canonical, probe, hf_config, notes)
+        stages = _stages(source, module, kind, canonical, probe, hf_config, model_type, notes)
     param_names = {stored: [ParamRef(canonical[f"model.{key}"])] for stored, key in module_of.items()
                    if f"model.{key}" in canonical}  # untransposed: the module keeps the stored layout
     return Runnable(module=module, kind=kind, architecture=f"hf-{model_type}", param_names=param_names,
@@ -530,21 +529,17 @@ def _probe_input(kind: str, hf_config, vocab: int | None, pad: int | None, image
     return ids
 
 
-def _check_runs(source: str, module: nn.Module, probe: torch.Tensor, model_type: str, kind: str) -> None:
-    try:
-        with torch.inference_mode():
-            module(probe)
-    except Exception as e:  # noqa: BLE001 - a model that does not run as this kind is one line
-        raise NotRunnable(source, f"the {model_type} model does not run as a {kind.replace('_', ' ')} "
-                                  f"({_first_line(e)}); spectra only") from None
-
-
-def _stages(module: nn.Module, kind: str, canonical: dict[str, str], probe: torch.Tensor, hf_config,
-            notes: list[str]) -> list:
+def _stages(source: str, module: nn.Module, kind: str, canonical: dict[str, str], probe: torch.Tensor, hf_config,
+            model_type: str, notes: list[str]) -> list:
+    """The staged forward (`models.hf_stages`), checked on `probe`; [] (with a note) where the model's forward does
+    not fit it; `NotRunnable` where the model does not run at all."""
     try:
         return hf_stages.stage_runnable(module, kind, canonical, probe,
                                         getattr(hf_config, "num_hidden_layers", None))
-    except Exception as e:  # noqa: BLE001 - unstaged is slower, never wrong
+    except hf_stages.ModelDoesNotRun as e:
+        raise NotRunnable(source, f"the {model_type} model does not run as a {kind.replace('_', ' ')} ({e}); "
+                                  "spectra only") from None
+    except Exception as e:  # noqa: BLE001 - unstaged is slower, never wrong (the plain forward ran)
         notes.append(f"runs unstaged: every what-if re-runs the whole model ({_first_line(e)})")
         return []
 

@@ -17,6 +17,7 @@ keeps the unstaged path (and the runnable says so in its notes).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable
@@ -145,7 +146,7 @@ class Stack:
             self.layer_local.append(names)
         layer_params = {c for names in self.layer_local for c in names}
         self.outside = frozenset(self.local_of) - layer_params
-        self.embed_params = self.head_params = self.outside  # narrowed by `probe_params`
+        self.embed_params = self.head_params = self.outside  # narrowed by `assign_params`
         for i, layer in enumerate(layers):
             layer.forward = _Switch(layer, i, returns[i])
 
@@ -192,29 +193,34 @@ class Stack:
 
     # ------------------------------------------------------------------------------------------------ the probe
 
-    def probe_params(self, run_embed: Callable[[], object], run_head: Callable[[], object]) -> None:
+    def assign_params(self, embed_seen: list, head_seen: list) -> None:
         """Which parameters outside the layers the embedding and the head stage read: the direct parameters of the
-        modules each calls (the head's: those called after the last layer). Parameters read without a module call
-        stay with both."""
-        canonical_of = {id(p): c for c, local in self.local_of.items()
-                        for p in [self.model.get_parameter(local)]}
-        found = {}
-        hook = nn.modules.module.register_module_forward_pre_hook(_record)
-        try:
-            for label, run in (("embed", run_embed), ("head", run_head)):
-                _STATE.seen = []
-                run()
-                found[label] = [(after, m) for after, m in _STATE.seen]
-        finally:
-            hook.remove()
-            _STATE.seen = None
-        embed = {canonical_of[id(p)] for after, m in found["embed"] for p in m.parameters(recurse=False)
-                 if id(p) in canonical_of}
-        head = {canonical_of[id(p)] for after, m in found["head"] if after for p in m.parameters(recurse=False)
-                if id(p) in canonical_of}
+        modules each called (`recording`; the head's: those called after the last layer). Parameters read without a
+        module call stay with both."""
+        canonical_of = {id(self.model.get_parameter(local)): c for c, local in self.local_of.items()}
+
+        def read(seen, after_only):
+            return {canonical_of[id(p)] for after, m in seen if after or not after_only
+                    for p in m.parameters(recurse=False) if id(p) in canonical_of}
+
+        embed, head = read(embed_seen, False), read(head_seen, True)
         unread = self.outside - embed - head
         self.embed_params = frozenset((embed & self.outside) | unread)
         self.head_params = frozenset((head & self.outside) | unread)
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the block, this thread's module calls are listed (as (after the last layer, module)) in the list
+    yielded."""
+    seen: list = []
+    _STATE.seen = seen
+    hook = nn.modules.module.register_module_forward_pre_hook(_record)
+    try:
+        yield seen
+    finally:
+        hook.remove()
+        _STATE.seen = None
 
 
 # ------------------------------------------------------------------------------------------------ finding the stack
@@ -232,32 +238,37 @@ def find_layers(model: nn.Module, n_layers: int | None) -> tuple[str, nn.ModuleL
     raise NotStageable("no list of layers found")
 
 
-def _layer_returns(model: nn.Module, layers: nn.ModuleList, run: Callable[[], object]) -> list[int | None]:
-    """Run the model once, plainly: every layer must be called once, in order; what each returns (a tensor, or a
-    tuple of n with the hidden states first)."""
+class ModelDoesNotRun(Exception):
+    """The plain forward fails on the probe input (the cause is chained)."""
+
+
+def _plain_run(module: nn.Module, layers: nn.ModuleList | None, probe: torch.Tensor):
+    """(what each layer returns, the output): the module run once, plainly, on `probe`; with `layers`, each must be
+    called once, in order, returning a tensor or a tuple with the hidden states first (else `returns` is None)."""
     order: list[int] = []
-    returns: list[int | None] = [None] * len(layers)
+    returns: list[int | None] = [None] * (len(layers) if layers is not None else 0)
+    shape_ok = [True]
 
     def hook(i):
         def after(module, args, out):
             order.append(i)
             if isinstance(out, tuple):
-                if not out or not torch.is_tensor(out[0]):
-                    raise NotStageable(f"layer {i} does not return its hidden states first")
                 returns[i] = len(out)
+                shape_ok[0] &= bool(out) and torch.is_tensor(out[0])
             elif not torch.is_tensor(out):
-                raise NotStageable(f"layer {i} returns {type(out).__name__}")
+                shape_ok[0] = False
         return after
 
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers or [])]
     try:
-        run()
+        output = module(probe)
+    except Exception as e:
+        raise ModelDoesNotRun(" ".join(str(e).split())[:200] or type(e).__name__) from e
     finally:
         for h in handles:
             h.remove()
-    if order != list(range(len(layers))):
-        raise NotStageable("the layers are not called once each, in order")
-    return returns
+    fits = layers is not None and shape_ok[0] and order == list(range(len(layers)))
+    return (returns if fits else None), output
 
 
 def _uninstall(layers: nn.ModuleList) -> None:
@@ -277,7 +288,7 @@ class Group:
     x: object  # Hidden, or the last layer's output tensor
 
 
-def _stages(stack: Stack, path: str, embed: Callable, each: Callable, head: Callable) -> list[Stage]:
+def _stages(stack: Stack, embed: Callable, each: Callable, head: Callable) -> list[Stage]:
     stages = [Stage("embedding", stack.embed_params, embed)]
     for i in range(stack.n):
         stages.append(Stage(f"{stack.prefix}{stack.layers_path}.{i}", frozenset(stack.layer_local[i]),
@@ -299,7 +310,7 @@ def causal_lm_stages(stack: Stack) -> list[Stage]:
         blank = torch.zeros(states.shape[:2], dtype=torch.long, device=states.device)
         return stack.head(overrides, states, {"input_ids": blank, "use_cache": False}).logits
 
-    return _stages(stack, "", embed, stack.layer, head)
+    return _stages(stack, embed, stack.layer, head)
 
 
 def image_classifier_stages(stack: Stack, pixel_shape: tuple[int, ...]) -> list[Stage]:
@@ -311,7 +322,7 @@ def image_classifier_stages(stack: Stack, pixel_shape: tuple[int, ...]) -> list[
         blank = torch.zeros((states.shape[0], *pixel_shape), dtype=states.dtype, device=states.device)
         return stack.head(overrides, states, {"pixel_values": blank}).logits
 
-    return _stages(stack, "", embed, stack.layer, head)
+    return _stages(stack, embed, stack.layer, head)
 
 
 def encoder_stages(stack: Stack, embedder) -> list[Stage]:
@@ -339,7 +350,7 @@ def encoder_stages(stack: Stack, embedder) -> list[Stage]:
             out[g.rows] = pooled
         return out
 
-    return _stages(stack, "", embed, each, head)
+    return _stages(stack, embed, each, head)
 
 
 # ------------------------------------------------------------------------------------------------------ entry point
@@ -348,11 +359,18 @@ def encoder_stages(stack: Stack, embedder) -> list[Stage]:
 def stage_runnable(module: nn.Module, kind: str, canonical: dict[str, str], probe: torch.Tensor,
                    n_layers: int | None) -> list[Stage]:
     """Stages for `module` (a models.hf wrapper whose `.model` is the transformers model) of this kind, checked on
-    `probe` (a small input) against the plain forward; `NotStageable` saying why not (the layers are left as
-    they were)."""
+    `probe` (a small input) against the plain forward. `ModelDoesNotRun` when the plain forward fails on the probe;
+    `NotStageable` saying why when it runs but not in stages (the layers are then left as they were)."""
     model = module.model
-    path, layers = find_layers(model, n_layers)
-    returns = _layer_returns(model, layers, lambda: module(probe))
+    try:
+        path, layers = find_layers(model, n_layers)
+    except NotStageable:
+        path, layers = "", None
+    returns, plain = _plain_run(module, layers, probe)
+    if layers is None:
+        raise NotStageable("no list of layers found")
+    if returns is None:
+        raise NotStageable("the layers are not called once each, in order, returning their hidden states first")
     stack = Stack(model, layers, path, canonical, "model", returns)
     try:
         if kind == "causal_lm":
@@ -363,15 +381,15 @@ def stage_runnable(module: nn.Module, kind: str, canonical: dict[str, str], prob
             stages = encoder_stages(stack, module)
         else:
             raise NotStageable(f"no stages for kind {kind!r}")
-        first = stages[0].run({}, probe)
-        x = first
+        with recording() as embed_seen:
+            x = stages[0].run({}, probe)
         for stage in stages[1:-1]:
             x = stage.run({}, x)
-        stack.probe_params(lambda: stages[0].run({}, probe), lambda: stages[-1].run({}, x))
+        with recording() as head_seen:
+            staged = stages[-1].run({}, x)
+        stack.assign_params(embed_seen, head_seen)
         stages[0] = Stage("embedding", stack.embed_params, stages[0].run)
         stages[-1] = Stage("head", stack.head_params, stages[-1].run)
-        staged = stages[-1].run({}, x)
-        plain = module(probe)
         if staged.shape != plain.shape or not torch.allclose(staged, plain, rtol=1e-4, atol=1e-5):
             raise NotStageable("the staged forward differs from the plain one on a probe input")
     except Exception:

@@ -3,8 +3,9 @@ is allocated (issue 17: a config.json saying `n_layer: 1e9` beside 2 MB of weigh
 the machine died).
 
 Three checks, in the order a build meets them:
-1. `check_layer_count`: the config's layer count may not exceed the layers the tensor names hold (one more than the
-   largest index in any name), so a lying config cannot make the build loop a billion times;
+1. `check_layer_count`: the config's layer count may not exceed `LAYER_REUSE` times the layers the tensor names hold
+   (one more than the largest index in any name; ALBERT runs one stored layer 12 to 24 times), so a lying config
+   cannot make the build, or a forward pass through shared layers, loop a billion times;
 2. `module_count_limit`: while the model is built on the meta device (no storage), the number of modules created is
    bounded by the number of stored tensors, which catches any other count (experts, blocks) that a config inflates;
 3. `check_memory`: the meta model's parameters and buffers, in float32, must fit the memory budget, and its buffers
@@ -27,6 +28,7 @@ MODULES_PER_TENSOR = 32  # modules a build may create per stored tensor (norms, 
 MODULE_SLACK = 1024  # plus this many, for parameter-free scaffolding
 BUFFER_SLACK = 256 << 20  # buffers (causal masks, rotary tables) may take this much beyond the weights' size
 BUDGET_FRACTION = 0.75  # of physical memory, when no budget is given
+LAYER_REUSE = 64  # times a stored layer may be run (weight-shared stacks: ALBERT-xxlarge runs one layer 12 times)
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 
 
@@ -46,13 +48,13 @@ def stored_layer_count(names: Iterable[str]) -> int:
 
 def check_layer_count(source: str, declared, names: Iterable[str], key: str = "num_hidden_layers") -> None:
     """`NotRunnable` unless `declared` (the config's layer count) is a non-negative integer the stored tensors can
-    fill (a model without numbered layers may declare one)."""
+    back: at most `LAYER_REUSE` runs of each stored layer (a model without numbered layers counts as one)."""
     if declared is None:
         return
     if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
         raise NotRunnable(source, f"config.json says {key}={declared!r}: not a layer count")
     stored = stored_layer_count(names)
-    if declared > max(stored, 1):
+    if declared > LAYER_REUSE * max(stored, 1):
         raise NotRunnable(source, f"config.json says {key}={declared} but the weights hold {stored} "
                                   f"layer{'s' if stored != 1 else ''}; refused before building anything")
 

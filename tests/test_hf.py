@@ -406,6 +406,8 @@ def test_lying_configs_are_refused_in_one_line_fast_and_without_allocating(tmp_p
     cases = {
         "layers": (lying_folder(tmp_path / "a", "gpt2", n_layer=1_000_000_000),
                    "says num_hidden_layers=1000000000 but the weights hold 2 layers"),
+        "a few layers more": (lying_folder(tmp_path / "a2", "gpt2", n_layer=100),
+                              "tensors do not match the gpt2 layout (missing transformer.h.2."),
         "layers as a float": (lying_folder(tmp_path / "b", "gpt2", n_layer=1e9),
                               "not a valid gpt2 config (Validation error for field 'n_layer'"),
         "positions": (lying_folder(tmp_path / "c", "gptj", n_positions=1_000_000_000),

@@ -264,3 +264,25 @@ def test_a_deep_copy_runs_on_its_own_layers(built):
         twin.model.model.layers[1].mlp.down_proj.weight.zero_()
         assert not torch.equal(twin(x), r.module(x))  # the copy's layers are its own
         assert torch.equal(r.module(x), r.forward(x))  # and the original is untouched
+
+
+def test_a_weight_shared_stack_runs_unstaged_and_says_so(tmp_path):
+    # ALBERT runs one stored layer num_hidden_layers times: no list of layers to stage, so every what-if re-runs
+    # the whole model (slower, never wrong)
+    torch.manual_seed(0)
+    config = T.AlbertConfig(embedding_size=16, hidden_size=W, num_hidden_layers=3, num_attention_heads=4,
+                            intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=CONTEXT, pad_token_id=0)
+    T.AlbertModel(config).eval().save_pretrained(tmp_path)
+    ckpt = load_checkpoint(tmp_path)
+    r = runnable_model(ckpt)
+    assert r.kind == "encoder" and r.stages == []
+    assert any(note.startswith("runs unstaged") for note in r.notes)
+    x = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
+    reference = T.AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(r.forward(x), reference(input_ids=x).last_hidden_state.mean(1),
+                                   rtol=1e-5, atol=1e-5)
+    session = WhatIfSession(ModelRuntime(Workspace(ckpt), runnable=r),
+                            evaluator=Evaluator(r, EvalBatch(x, None, "tokens")))
+    assert session.run(Choice("none")).metrics.cosine == pytest.approx(1.0, abs=1e-12)
+    assert session.run(Choice("rank", 0.25)).metrics.cosine < 0.999
