@@ -15,7 +15,7 @@ import torch
 from spectral.checkpoint import Checkpoint
 
 ROLES = ("embedding", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_out",
-         "mlp_up", "mlp_gate", "mlp_down", "head", "conv", "other")
+         "mlp_up", "mlp_gate", "mlp_gate_up", "mlp_down", "head", "conv", "other")  # input to output
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,10 @@ _MLP_PARENT = re.compile(r"(^|\.)(mlp|ffn|feed_forward|feedforward|densereludens
 
 # (role, regex on the module path, i.e. the name without its trailing ".weight"); the first match wins.
 _MLP_ROLES: list[tuple[str, re.Pattern]] = [(role, re.compile(pattern, re.IGNORECASE)) for role, pattern in [
+    ("mlp_gate_up", r"(^|\.)(gate_up_proj)$"),  # Phi-3: gate and up projections fused
     ("mlp_gate", r"(^|\.)(gate_proj|w1|wi_0|gate|ff_gate)$"),
-    ("mlp_up", r"(^|\.)(c_fc|up_proj|fc1|w3|wi|wi_1|dense_h_to_4h|lin1|fc_in|up)$"),
-    ("mlp_down", r"(^|\.)(c_proj|down_proj|fc2|w2|wo|dense_4h_to_h|lin2|fc_out|down)$"),
+    ("mlp_up", r"(^|\.)(c_fc|up_proj|fc1|w3|wi|wi_1|dense_h_to_4h|lin1|fc_in|up|pwconv1)$"),
+    ("mlp_down", r"(^|\.)(c_proj|down_proj|fc2|w2|wo|dense_4h_to_h|lin2|fc_out|down|pwconv2)$"),
 ]]
 _ATTENTION_ROLES: list[tuple[str, re.Pattern]] = [(role, re.compile(pattern, re.IGNORECASE)) for role, pattern in [
     ("attn_qkv", r"(^|\.)(c_attn|qkv|qkv_proj|query_key_value|wqkv|in_proj|w_pack)$"),
@@ -59,14 +60,16 @@ _STANDALONE_ROLES: list[tuple[str, re.Pattern]] = [(role, re.compile(pattern, re
     ("attn_k", r"(^|\.)(k_proj)$"),
     ("attn_v", r"(^|\.)(v_proj)$"),
     ("attn_out", r"(^|\.)(o_proj|out_proj)$"),
+    ("mlp_gate_up", r"(^|\.)(gate_up_proj)$"),
     ("mlp_gate", r"(^|\.)(gate_proj)$"),
-    ("mlp_up", r"(^|\.)(up_proj|fc1|dense_h_to_4h|c_fc)$"),
-    ("mlp_down", r"(^|\.)(down_proj|fc2|dense_4h_to_h)$"),
+    ("mlp_up", r"(^|\.)(up_proj|fc1|dense_h_to_4h|c_fc|pwconv1)$"),
+    ("mlp_down", r"(^|\.)(down_proj|fc2|dense_4h_to_h|pwconv2)$"),
     ("mlp_up", r"(^|\.)layer\.\d+\.intermediate\.dense$"),  # BERT: layer.N.intermediate.dense
     ("mlp_down", r"(^|\.)layer\.\d+\.output\.dense$"),  # BERT: layer.N.output.dense (not attention.output.dense)
 ]]
-_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|classifier|score)(\.decoder)?$|(^|\.)predictions\.decoder$|^output$",
-                   re.IGNORECASE)
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|classifier|score)(\.decoder|\.\d+)?$|(^|\.)predictions\.decoder$|"
+                   r"^output$", re.IGNORECASE)  # classifier.1: ResNet's Sequential(Flatten, Linear)
+_PATCH_EMBEDDING = re.compile(r"(^|\.)(patch_embeddings?(\.projection)?|patch_embed(\.proj)?)$", re.IGNORECASE)
 _EMBEDDING = re.compile(r"(^|\.)(tok_emb|pos_emb|wte|wpe|embed_tokens|embed_positions|embed_in|word_embeddings|"
                         r"position_embeddings|token_type_embeddings|tok_embeddings|token_embedding|"
                         r"position_embedding|shared|pos_embed|embedding|embeddings)$", re.IGNORECASE)
@@ -84,9 +87,11 @@ def module_path(name: str) -> str:
 
 def role_of(name: str, ndim: int = 2) -> str:
     """The role of the weight `name` from the naming conventions of GPT-2/nanoGPT, Llama, BERT, T5 and our demo."""
+    path = module_path(name)
+    if _PATCH_EMBEDDING.search(path):  # ViT's patch projection is a conv kernel that embeds image patches
+        return "embedding"
     if ndim >= 3:
         return "conv"
-    path = module_path(name)
     if _HEAD.search(path):
         return "head"
     if _EMBEDDING.search(path):

@@ -61,6 +61,10 @@ ROLE_TABLE = [
     ("gpt_neox.layers.0.mlp.dense_4h_to_h.weight", "mlp_down"),
     ("embed_out.weight", "head"),
     ("layers.0.self_attn.in_proj_weight", "attn_qkv"), ("layers.0.self_attn.out_proj.weight", "attn_out"),
+    # Phi-3 fuses gate and up; ResNet's head is classifier.1; ConvNeXt's MLP is two pointwise linears
+    ("model.layers.0.mlp.gate_up_proj.weight", "mlp_gate_up"), ("classifier.1.weight", "head"),
+    ("convnext.encoder.stages.0.layers.0.pwconv1.weight", "mlp_up"),
+    ("convnext.encoder.stages.0.layers.0.pwconv2.weight", "mlp_down"),
     # anything else
     ("some.unrelated.projection.weight", "other"),
 ]
@@ -77,6 +81,11 @@ def test_every_role_in_the_table_is_a_declared_role():
 
 def test_four_dimensional_kernel_is_conv_whatever_its_name():
     assert role_of("features.0.weight", ndim=4) == "conv"
+
+
+def test_a_vision_transformers_patch_projection_is_its_embedding_though_a_kernel():
+    assert role_of("vit.embeddings.patch_embeddings.projection.weight", ndim=4) == "embedding"
+    assert role_of("patch_embed.proj.weight", ndim=4) == "embedding"
 
 
 # ------------------------------------------------------------------------------------------------ what is a matrix
