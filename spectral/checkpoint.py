@@ -923,6 +923,9 @@ def _open_pytorch(label: str, size: int, *, is_zip: bool, path: Path | None, dat
     state = _find_state_dict(label, obj)
     if isinstance(obj, dict):
         part.metadata, part.config = _pytorch_extras(obj, state)
+        if part.config is not None and _json_depth(part.config) > MAX_JSON_DEPTH:
+            part.warnings.append(f"{label}: its model config nests more than {MAX_JSON_DEPTH} levels deep; ignored")
+            part.config = None
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):

@@ -685,3 +685,15 @@ def test_the_budget_and_the_tensor_bound_come_from_the_environment():
     code = "from spectral import checkpoint as c; print(c.MEMORY_BUDGET, c.MAX_TENSORS)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == [str(2 << 30), "5000"]
+
+
+def test_a_pickled_config_nested_too_deeply_is_dropped_with_a_warning(tmp_path):
+    deep: dict = {}
+    node = deep
+    for _ in range(300):
+        node["x"] = {}
+        node = node["x"]
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.zeros(2, 2)}, "model_args": deep}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.config is None and any("nests more than 100 levels" in w for w in ckpt.warnings)
