@@ -19,6 +19,7 @@ pages = [
     st.Page("pages/overview.py", title="Overview", icon=":material/home:", default=True),
     st.Page("pages/spectra.py", title="Spectra", icon=":material/bar_chart:"),
     st.Page("pages/ranks.py", title="Ranks", icon=":material/stacked_bar_chart:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("pages/pruning.py", title="Pruning", icon=":material/content_cut:"),
     st.Page("pages/report.py", title="Report", icon=":material/description:"),
     st.Page("pages/research.py", title="Research", icon=":material/science:"),

@@ -10,10 +10,25 @@ import argparse
 import sys
 
 from spectral.checkpoint import CheckpointError
-from spectral.commands import analyze, deciles, overlap, prune, redundancy, report, thresholds, truths, tying, whitened
+from spectral.commands import (
+    analyze,
+    compare,
+    deciles,
+    overlap,
+    prune,
+    redundancy,
+    report,
+    thresholds,
+    trajectory,
+    truths,
+    tying,
+    whitened,
+)
 from spectral.commands.common import UsageError
 
-COMMANDS = (analyze, prune, report, truths, tying, thresholds, deciles, overlap, redundancy, whitened)  # help order
+# in help order
+COMMANDS = (analyze, prune, report, compare, trajectory, truths, tying, thresholds, deciles, overlap, redundancy,
+            whitened)
 
 EXIT_BAD_ARGS = 2
 EXIT_BAD_CHECKPOINT = 3
