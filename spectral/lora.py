@@ -33,6 +33,7 @@ PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_-]+)?$")
 _SAVED_MODULE = re.compile(r"\.modules_to_save(?:\.[A-Za-z0-9_-]+)?(?=\.)")
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.weight$)")  # save_embedding_layers: the base's own (possibly resized) copy
 _REFUSED = {"lora_magnitude_vector": "DoRA (use_dora) adapters", "lora_B.bias": "LoRA biases (lora_bias)"}
 
 
@@ -175,6 +176,8 @@ def _modules(label: str, config: dict, checkpoint: Checkpoint) -> tuple[dict, di
             pairs.setdefault((m["module"], True), {})[m["kind"][-1]] = name
         elif "modules_to_save" in short:
             replaced[_SAVED_MODULE.sub("", short)] = name
+        elif _BASE_LAYER.search(short):
+            replaced[_BASE_LAYER.sub("", short)] = name
         else:
             warnings.append(f"{label}: tensor {name} is not a LoRA factor; left out")
     modules = {}
@@ -233,31 +236,38 @@ def delta_weight(adapter: Adapter, module: str, stored_shape: tuple[int, ...], *
 
 @dataclass(eq=False)
 class MergedCheckpoint(Checkpoint):
-    """A base checkpoint with a LoRA adapter merged in: adapted tensors read as W + ΔW (float32), the rest as stored.
+    """A base checkpoint with a LoRA adapter merged in: adapted tensors read as W + ΔW (float32), tensors the adapter
+    saves whole (modules_to_save, save_embedding_layers) as the adapter's copy (plus ΔW where also adapted), the rest
+    as stored in the base.
 
     `files` is empty, so a Ray map sends the merged tensors themselves rather than opening the base's files."""
 
     base: Checkpoint | None = None
     adapter: Adapter | None = None
     adapted: dict[str, AdaptedMatrix] = field(default_factory=dict)  # base tensor name -> what changed it
-    _targets: dict[str, str] = field(default_factory=dict, repr=False)  # base tensor name -> module (or saved name)
+    _modules: dict[str, str] = field(default_factory=dict, repr=False)  # base tensor name -> LoRA module
+    _replaced: dict[str, str] = field(default_factory=dict, repr=False)  # base tensor name -> adapter tensor
 
     def tensor(self, name: str) -> torch.Tensor:
-        if name not in self._targets:
+        if name not in self._modules and name not in self._replaced:
             return self.base.tensor(name)
-        target = self._targets[name]
-        if target in self.adapter.modules:
+        if name in self._replaced:
+            stored = self.adapter.checkpoint.tensor(self._replaced[name]).float()
+        else:
+            stored = self.base.tensor(name).float()
+        if name in self._modules:
             fan_in_fan_out = bool(self.adapter.config.get("fan_in_fan_out", False))
-            stored = self.base.tensor(name)
-            delta, _ = delta_weight(self.adapter, target, tuple(stored.shape), fan_in_fan_out=fan_in_fan_out)
-            return stored.float() + delta
-        return self.adapter.checkpoint.tensor(target).float()  # modules_to_save: the adapter's copy
+            delta, _ = delta_weight(self.adapter, self._modules[name], tuple(stored.shape),
+                                    fan_in_fan_out=fan_in_fan_out)
+            stored = stored + delta
+        return stored
 
 
 def merge_adapter(base: Checkpoint, adapter: Adapter) -> MergedCheckpoint:
     """The base with the adapter merged (see `MergedCheckpoint`); `CheckpointError` when a module names no base
     tensor or shapes disagree."""
-    targets: dict[str, str] = {}
+    modules: dict[str, str] = {}
+    replaced: dict[str, str] = {}
     adapted: dict[str, AdaptedMatrix] = {}
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
     for module, m in adapter.modules.items():
@@ -271,16 +281,16 @@ def merge_adapter(base: Checkpoint, adapter: Adapter) -> MergedCheckpoint:
                                                   f"the base's {name} is {'×'.join(map(str, shape))}")
         square = factors_shape == shape and factors_shape == shape[::-1]
         transposed = (m.embedding or fan_in_fan_out) if square else factors_shape != shape
-        targets[name] = module
+        modules[name] = module
         adapted[name] = AdaptedMatrix(name, module, m.rank, m.alpha, m.scaling, transposed)
     for path, saved in adapter.replaced.items():
         name = _base_tensor_for(path, base)
         if name is None or tuple(base.shapes[name]) != tuple(adapter.checkpoint.shapes[saved]):
             raise CheckpointError(adapter.source, f"saved module tensor {saved} matches no tensor of the same shape in "
                                                   f"the base {base.source}")
-        targets[name] = saved
+        replaced[name] = saved
     kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(Checkpoint) if f.init}
-    changed = set(targets)
+    changed = set(modules) | set(replaced)
     kwargs.update(
         source=f"{base.source} + {adapter.source}", format="lora",
         sha256=hashlib.sha256(f"{base.sha256}+lora:{adapter.sha256}".encode()).hexdigest(),
@@ -288,7 +298,8 @@ def merge_adapter(base: Checkpoint, adapter: Adapter) -> MergedCheckpoint:
         # a tie is kept only if the adapter changed none or all of its names
         tied_groups=[g for g in base.tied_groups if not (changed & set(g)) or set(g) <= changed],
         files=[], warnings=list(base.warnings) + list(adapter.warnings), quantization={})
-    return MergedCheckpoint(**kwargs, base=base, adapter=adapter, adapted=adapted, _targets=targets)
+    return MergedCheckpoint(**kwargs, base=base, adapter=adapter, adapted=adapted, _modules=modules,
+                            _replaced=replaced)
 
 
 def open_adapter_pair(folder, *, max_bytes: int | None = None) -> tuple[Checkpoint, MergedCheckpoint]:
