@@ -11,7 +11,7 @@ import streamlit as st
 from spectral import figures
 from spectral.pruning import PlanError
 from spectral.whatif import Choice
-from ui import state, widgets
+from ui import compare, state, widgets
 from ui.heal import heal_panel
 from ui.tables import chart
 
@@ -87,6 +87,11 @@ def live_panel():
 
 live_panel()
 heal_panel(session, st.session_state.get("prune_choice", Choice("mp", 2.0)), settings)
+
+with st.expander("Another checkpoint against this one (a fine-tune against its base)"):
+    other = compare.pick_checkpoint("B", opened, state.app_options(), base=opened)
+    if other is not None:
+        compare.evaluation_panel(opened, other)
 
 st.subheader("Sensitivity: where does the model break?")
 st.caption("Cut one matrix (or one role) at a time with the current strategy and report the KL it alone causes.")
