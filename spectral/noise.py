@@ -92,13 +92,18 @@ class NoiseEstimator:
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1024)
 def _bema_quantiles(q: float, small: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """(k, q_k) for k in K_alpha, q_k = F_MP^{-1}(1 - k/M; q, 1), cached per (q rounded to 1e-9, M, alpha)."""
+    """(k, q_k) for k in K_alpha, q_k = F_MP^{-1}(1 - (k - 1/2)/M; q, 1), cached per (q rounded to 1e-9, M, alpha).
+
+    The k-th largest of M draws sits near the upper (k - 1/2)/M quantile (the midpoint of its probability cell);
+    Ke, Ma & Lin's k/M pairing (RMT.md §3, SJD R/BEMA.R) matches every eigenvalue to a quantile half a cell too low,
+    which biases sigma^2 up by about 0.8/M relative on pure noise (issue 13; tests/test_noise.py measures it).
+    """
     first = max(math.ceil(alpha * small - 1e-9), 1)
     last = math.floor((1.0 - alpha) * small + 1e-9)
     if last < first:
         raise ValueError(f"BEMA needs more singular values: M = {small} leaves no bulk at alpha = {alpha}")
     k = np.arange(first, last + 1)
-    quantiles = mp_quantiles(q, 1.0 - k / small)
+    quantiles = mp_quantiles(q, 1.0 - (k - 0.5) / small)
     k.setflags(write=False)
     quantiles.setflags(write=False)
     return k, quantiles
@@ -108,7 +113,8 @@ class BEMA(NoiseEstimator):
     """Bulk eigenvalue matching, Ke, Ma & Lin 2023 Algorithm 1 (arXiv 2006.00436; code CHuanSite/SJD R/BEMA.R).
 
     sigma^2 = sum_k q_k lambda_(k) / sum_k q_k^2 over k in [ceil(alpha M), floor((1-alpha) M)], lambda_(k) the
-    k-th largest eigenvalue, q_k = F_MP^{-1}(1 - k/M; q, 1) (RMT.md §3). Also sets the paper's detection threshold
+    k-th largest eigenvalue, q_k = F_MP^{-1}(1 - (k - 1/2)/M; q, 1): the paper's algorithm with the midpoint
+    quantile pairing instead of its k/M (which biases sigma^2 up by ~0.8/M; RMT.md §3). Also sets the paper's detection threshold
     ``threshold_`` = gamma_+(c = 1 - beta) in lambda units (canonical TW scaling) and ``n_signal_`` = #{lambda > it}.
     """
 
@@ -194,8 +200,10 @@ class GaussianBroadening(NoiseEstimator):
     keeps the estimator continuous in q; on pure noise it was also the less biased one for q < 1 (mean sigma error
     -0.03% / -0.1% / -0.2% at 1000x4000 / 300x1200 / 500x1000 vs +0.14% / +0.28% / +0.6% for lambda space;
     +0.04% at 768x768). ``space="lambda"`` fits rho(lambda) directly, as RMT.md §9 T5 did; use it only for q < 1.
+    Each trimmed bulk keeps at least half the spectrum (``min_bulk_`` says the cuts would have left less).
     Fitted extras: ``sigma2_init_`` (median start), ``bulk_size_`` (eigenvalues in the final fit), ``n_iter_``,
-    ``at_bound_`` (a trimming pass whose optimum hit the search bound was discarded: the MP fit is poor there).
+    ``at_bound_`` (a trimming pass whose optimum hit the search bound was discarded: the MP fit is poor there),
+    ``min_bulk_``.
     """
 
     _param_names = ("a", "grid", "trim", "space")
@@ -232,13 +240,21 @@ class GaussianBroadening(NoiseEstimator):
             self.bulk_size_ = unit.size
             return sigma2_0 * self._fit_bulk(unit, q, small)
         lower_cut_available = has_lower_edge(big, small)
+        min_bulk = math.ceil(small / 2)
+        self.min_bulk_ = False
         previous = None
         for _ in range(3):
-            upper = upper_threshold(big, small, fitted, 0.9)
-            keep = unit <= upper
-            if lower_cut_available:
-                keep &= unit >= lower_threshold(big, small, fitted, 0.9)
-            bulk = unit[keep]
+            # unit is ascending, so the bulk between the cuts is the window [first, last)
+            first = int(np.searchsorted(unit, lower_threshold(big, small, fitted, 0.9))) if lower_cut_available else 0
+            last = int(np.searchsorted(unit, upper_threshold(big, small, fitted, 0.9), side="right"))
+            if last - first < min_bulk:
+                # the cuts would leave less than half the spectrum: fit the half that starts at the lower cut
+                # (shifted down where it would run past the top) rather than a sliver (issue 13: on MiniLM's
+                # 30522x384 embedding the unbounded trim ended on 37 of 384 eigenvalues and sigma came out 2.2x low)
+                self.min_bulk_ = True
+                first = min(first, unit.size - min_bulk)
+                last = first + min_bulk
+            bulk = unit[first:last]
             if bulk.size < 2:
                 break
             if previous is not None and bulk.size == previous.size and np.array_equal(bulk, previous):
