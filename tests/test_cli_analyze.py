@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MATRIX_KEYS = {"name", "shape", "role", "tied_with", "sigma", "edge_upper", "edge_lower", "n_signal", "n_below",
                "z_max", "energy_rank", "utilization", "participation_ratio", "stable_rank", "effective_rank",
                "spectral_norm", "frobenius_norm", "alpha", "ave_w_phi", "ks_distance", "warnings"}
+NULL_KEYS = {"null", "null_ok", "frac_above", "frac_below", "ks_whole", "row_cv", "col_cv", "row_spread", "col_spread",
+             "excess_kurtosis", "shuffles", "quant", "quant_sigma"}  # issue 13
 
 
 def run_cli(*args, cwd=ROOT):
@@ -41,11 +43,12 @@ def test_analyze_writes_design_json(small_checkpoint, tmp_path):
     doc = json.loads(out.read_text())
     assert set(doc) >= {"checkpoint", "settings", "matrices", "summary"}
     assert set(doc["checkpoint"]) >= {"path", "sha256", "format", "n_tensors", "n_params"}
-    assert doc["settings"] == {"estimator": "bema", "confidence": 0.99, "energy": 0.999}
+    assert doc["settings"] == {"estimator": "bema", "confidence": 0.99, "energy": 0.999, "null": "mp"}
     by_name = {m["name"]: m for m in doc["matrices"]}
     assert set(by_name) == {"tok_emb.weight", "blocks.0.mlp.c_fc.weight"}, "tied pair once, bias and NaN out"
     for m in doc["matrices"]:
-        assert set(m) >= MATRIX_KEYS
+        assert set(m) >= MATRIX_KEYS | NULL_KEYS
+        assert m["null"] == "mp" and m["shuffles"] is None and m["quant"] is None
     emb = by_name["tok_emb.weight"]
     assert emb["tied_with"] == ["lm_head.weight"] and emb["role"] == "embedding"
     assert emb["shape"] == [800, 200] and emb["n_signal"] == 2
@@ -64,7 +67,7 @@ def test_analyze_prints_json_to_stdout_and_respects_settings(small_checkpoint):
     result = run_cli("analyze", small_checkpoint, "--estimator", "median", "--confidence", "0.9", "--energy", "0.5")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["settings"] == {"estimator": "median", "confidence": 0.9, "energy": 0.5}
+    assert doc["settings"] == {"estimator": "median", "confidence": 0.9, "energy": 0.5, "null": "mp"}
 
 
 @pytest.mark.parametrize("content, problem", [(b"", "empty"), (b"hello world, not weights" * 3, "header")])
@@ -91,3 +94,46 @@ def test_role_table_sums_per_role(small_checkpoint):
     result = run_cli("analyze", small_checkpoint, "--table")
     assert result.returncode == 0, result.stderr
     assert "| embedding | 1 | 2/200 |" in result.stdout
+    assert "null mp" in result.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("null", ["biwhitened", "permutation"])
+def test_analyze_null_option_changes_what_signal_refers_to(small_checkpoint, null):
+    result = run_cli("analyze", small_checkpoint, "--null", null)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["settings"]["null"] == null
+    emb = next(m for m in doc["matrices"] if m["name"] == "tok_emb.weight")
+    assert emb["null"] == null and emb["n_signal"] == 2  # two planted spikes in i.i.d. noise, under any null
+    assert emb["null_ok"] is True
+    assert emb["shuffles"] == (32 if null == "permutation" else None)
+    table = run_cli("analyze", small_checkpoint, "--null", null, "--table")
+    assert f"null {null}" in table.stdout.splitlines()[0]
+
+
+def test_analyze_rejects_an_unknown_null(small_checkpoint):
+    result = run_cli("analyze", small_checkpoint, "--null", "bootstrap")
+    assert result.returncode == 2 and "bootstrap" in result.stderr
+
+
+def test_nulls_command_writes_per_role_counts_under_each_null(small_checkpoint, tmp_path):
+    # in-process through the command's own parser: spectral/cli.py registers it (the lead's file)
+    import argparse
+
+    from spectral.commands import nulls as command
+
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "nulls.json"
+    args = parser.parse_args(["nulls", str(small_checkpoint), "--json", str(out), "--nulls", "mp,biwhitened"])
+    assert command.run(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["view"] == "nulls" and doc["nulls"] == ["mp", "biwhitened"]
+    emb = next(r for r in doc["roles"] if r["role"] == "embedding")
+    assert emb["n_signal"] == {"mp": 2, "biwhitened": 2} and emb["null_fits"] == {"mp": 1, "biwhitened": 1}
+    assert emb["fitting_signal"] == 2 and emb["fitting_signal_pct"] == pytest.approx(1.0)
+    m = next(m for m in doc["matrices"] if m["name"] == "tok_emb.weight")
+    assert m["fitting_null"] == "mp" and set(m) >= {"excess_kurtosis", "row_spread", "col_spread", "ks_whole"}
+    assert doc["totals"]["matrices"] == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["nulls", str(small_checkpoint), "--nulls", "mp,nope"])
