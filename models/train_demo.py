@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
                 best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
         if last:
             break
+    if args.out is None:  # snapshots only, and the time limit came first
+        print(f"stopped at step {step + 1} by --max-minutes before the last snapshot step {stop_after}", flush=True)
+        return
 
     seconds = time.time() - start
     unigram = unigram_loss(train_ids, heldout_ids, config.vocab_size)
