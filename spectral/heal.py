@@ -29,8 +29,11 @@ Training tokens, never the held-out positions the metrics use:
 - encoders: the sentences of the evaluation text that the evaluation batch did not pick (too few: CPython's
   pydoc_data.topics sentences, minus the evaluation sentences); without a tokenizer, random token rows, another seed.
 
-Optimiser: Adam (Kingma & Ba 2015) at a constant learning rate, gradient norm clipped at 1; the model stays in eval
-mode (no dropout), so a run is deterministic on CPU for a given seed. A healed model is saved with its factorised
+Optimiser: Adam (Kingma & Ba 2015), gradient norm clipped at 1, the learning rate annealed by a cosine from `lr` to 0
+over the steps (Loshchilov & Hutter 2017, SGDR): Adam's steps keep their size however small the gradient, so at a
+constant rate a nearly lossless cut drifts away from the untouched model (measured on the demo's energy-99.9% cut, 100
+steps: KL 0.0002 -> 0.002 at lr 1e-4, -> 0.02 at 3e-4, -> 0.1 at 1e-3) and annealing lets it settle back. The model
+stays in eval mode (no dropout), so a run is deterministic on CPU for a given seed. A healed model is saved with its factorised
 matrices kept factorised (`save_healed`), with a loader note in the file's metadata; `densify` makes it dense.
 """
 from __future__ import annotations
@@ -67,7 +70,7 @@ from spectral.pruning import Cut, Plan, Strategy, pruned_metadata
 HEAL_MODES = ("distill", "lm")
 HEAL_TRAIN = ("factors", "unfrozen", "all")
 REPLACEMENT_STRATEGIES = ("rank1", "random", "zero")  # the crystallization study's replacements: frozen by default
-DEFAULT_LR = {"factors": 1e-3, "unfrozen": 3e-4, "all": 3e-4}
+DEFAULT_LR = {"factors": 5e-4, "unfrozen": 2e-4, "all": 2e-4}  # peaks of the cosine (see Optimiser above)
 CURVE_POINTS = 20  # evaluations along a heal by default (plus step 0 and the last step)
 SAMPLE_SEED_OFFSET = 1_000_003  # fresh samples for training: the evaluation's seed plus this
 POOL_SEQUENCES = 64  # sampled training sequences (causal LMs without text)
@@ -102,6 +105,7 @@ class HealConfig:
     seed: int = 0
     eval_every: int | None = None
     freeze: frozenset[str] = frozenset()
+    anneal: bool = True  # cosine decay of the learning rate to 0 over `steps` (False: constant)
 
     def __post_init__(self):
         if self.mode not in HEAL_MODES:
@@ -121,6 +125,12 @@ class HealConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.train]
+
+    def rate(self, step: int) -> float:
+        """The learning rate of step `step` (1-based): lr · ½(1 + cos(π (step − 1) / steps)) when annealed."""
+        if not self.anneal or self.steps <= 1:
+            return self.learning_rate
+        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / self.steps))
 
     def schedule(self) -> list[int]:
         """Steps after which the model is evaluated: 0, every `eval_every`, and the last."""
@@ -542,6 +552,8 @@ class Healer:
                 step, stopped = step - 1, True
                 break
             ts = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = config.rate(step)
             inputs, targets = self.data.draw(generator, config.batch)
             with self.lock:
                 loss = self.loss(inputs, targets)

@@ -105,7 +105,7 @@ def test_healing_the_factors_of_a_perturbed_exact_rank_r_cut_recovers_the_untouc
     kept = {m.name: m.kept_rank for m in cut.prune.matrices}
     assert kept == {"head.weight": r, "tok_emb.weight": width} and cut.metrics.kl < 1e-9  # the cut loses nothing
 
-    healer = Healer(session, HealConfig(steps=150, lr=3e-2, eval_every=150))
+    healer = Healer(session, HealConfig(steps=200, lr=5e-2, eval_every=200))
     (factors,) = healer.matrices
     with torch.no_grad():
         noise = torch.randn(factors.a.shape, generator=torch.Generator().manual_seed(1))
@@ -446,12 +446,13 @@ def heal_page(path: str) -> None:
     """The Heal control on a session of its own (AppTest runs this function's source as a script)."""
     import streamlit as st
 
+    from spectral.analysis import Settings
     from spectral.whatif import Choice, WhatIfSession
     from ui.heal import heal_panel
 
     if "session" not in st.session_state:
         st.session_state["session"] = WhatIfSession.open(path, positions=128)
-    heal_panel(st.session_state["session"], Choice("rank", 0.25), None)
+    heal_panel(st.session_state["session"], Choice("rank", 0.25), Settings())
 
 
 def wait_for_job(at, timeout: float = 120.0):
