@@ -295,9 +295,7 @@ def main() -> None:
         start = time.perf_counter()
         rmap = RayMap("local", workers=args.workers)
         try:
-            warm = tmp / "warm.safetensors"  # starts every worker (and its imports) before anything is timed
-            save_file(gpt_state(64, 1, 512, 64, seed=0), str(warm))
-            rmap.spectra_many([load_checkpoint(warm)] * (2 * args.workers))
+            rmap.wait_until_warm()  # every worker has imported torch and spectral before anything is timed
             print(f"cluster: {rmap.describe()}; started and warmed in {time.perf_counter() - start:.1f} s")
             if gpt2:
                 ray_gpt2 = ray_run(rmap, gpt2)

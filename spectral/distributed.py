@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Self
 
@@ -32,9 +33,11 @@ from spectral.checkpoint import (
     load_checkpoint,
     load_checkpoint_bytes,
 )
-from spectral.devices import DEVICES, Device, DeviceError, resolve_device, singular_values_on
+from spectral.devices import CPU, DEVICES, Device, DeviceError, resolve_device, singular_values_on
 from spectral.matrices import MatrixInfo, find_matrices, matrix_view
+from spectral.nulls import DEFAULT_SHUFFLES, NULLS
 from spectral.threads import configure_threads
+from spectral.workspace import NonFiniteMatrix, matrix_spectrum, null_spectrum
 
 RAY_MISSING = 'the Ray cluster map needs Ray, which is not installed: pip install "ray[default]"'
 TASK_RETRIES = 3  # Ray re-runs a task this many times when its worker dies (a killed process, a lost node)
@@ -79,6 +82,22 @@ class Job:
     checkpoint: Checkpoint
     infos: tuple[MatrixInfo, ...] | None = None
     upload: bytes | None = None  # the uploaded single file's bytes: one ray.put, workers open it from the store
+    given: tuple[Spectrum, ...] = ()  # spectra already computed, to which a task only adds the null
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a task makes of each matrix: its spectrum with `null` added (spectral.nulls; "mp" adds nothing), or
+    its SVD factors."""
+
+    factors: bool = False
+    null: str = "mp"
+
+    @property
+    def weight(self) -> float:
+        """Cost of the work relative to one spectrum, for ordering and batching (a permutation null is
+        DEFAULT_SHUFFLES more spectra; biwhitening is a Sinkhorn scaling and a spectrum)."""
+        return {"mp": 1.0, "biwhitened": 2.0, "permutation": 1.0 + DEFAULT_SHUFFLES}[self.null]
 
 
 @dataclass(frozen=True)
@@ -97,7 +116,7 @@ class FileStamp:
 
 @dataclass(frozen=True)
 class _Upload:
-    data: list  # [ObjectRef of the bytes], in a list so that Ray hands the reference, not the bytes, to each task
+    data: object  # ObjectRef of the file's bytes; inside a dataclass, so Ray hands tasks the reference, not the bytes
     filename: str
     sha256: str
 
@@ -109,13 +128,14 @@ class _Task:
     job: int
     infos: tuple[MatrixInfo, ...]
     sha256: str
+    work: Work
+    given: tuple[Spectrum | None, ...]  # per matrix: its spectrum when already computed
     file: FileStamp | None = None
     upload: _Upload | None = None
-    factors: bool = False  # the SVD factors (U, S, Vh) instead of the spectrum
 
     @property
     def cost(self) -> float:
-        return sum(_cost(info) for info in self.infos)
+        return sum(_cost(info) for info in self.infos) * self.work.weight
 
 
 class RayMap:
@@ -156,29 +176,45 @@ class RayMap:
         if device == "cuda" and gpus == 0:
             raise DeviceError("--device cuda: the Ray cluster has no GPUs; use --device cpu or --device auto")
         self.device = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
-        self._remote = ray.remote(_run_task).options(
-            name=TASK_NAME, num_cpus=self.threads_per_task, num_gpus=1 if self.device == "cuda" else 0,
-            max_retries=TASK_RETRIES, retry_exceptions=False)
+        resources = {"num_cpus": self.threads_per_task, "num_gpus": 1 if self.device == "cuda" else 0}
+        self._remote = ray.remote(_run_task).options(name=TASK_NAME, max_retries=TASK_RETRIES, retry_exceptions=False,
+                                                     **resources)
+        # a worker's first task imports torch and this package (seconds): start that on every slot now, unawaited,
+        # so it overlaps the driver opening (hashing) the checkpoints
+        slots = int(ray.cluster_resources().get("GPU" if self.device == "cuda" else "CPU", 1) //
+                    max(1, resources["num_gpus"] or self.threads_per_task))
+        self._warming = [ray.remote(_warm_worker).options(**resources).remote() for _ in range(max(1, slots))]
 
     # ------------------------------------------------------------------------------------------------ public calls
 
     def spectra(self, checkpoint: Checkpoint, infos: Sequence[MatrixInfo] | None = None,
-                progress: Progress | None = None, *, upload: bytes | None = None) -> dict[str, Spectrum | str]:
-        """Singular values of each matrix (default: all of the checkpoint's), or the reason it has none."""
-        return self.spectra_many([Job(checkpoint, _tuple(infos), upload)], progress)[0]
+                progress: Progress | None = None, *, upload: bytes | None = None, null: str = "mp"
+                ) -> dict[str, Spectrum | str]:
+        """Each matrix's spectrum (default: all of the checkpoint's) with `null` added, or the reason it has none."""
+        return self.spectra_many([Job(checkpoint, _tuple(infos), upload)], progress, null=null)[0]
 
-    def spectra_many(self, jobs: Iterable[Job | Checkpoint], progress: Progress | None = None
+    def spectra_many(self, jobs: Iterable[Job | Checkpoint], progress: Progress | None = None, *, null: str = "mp"
                      ) -> list[dict[str, Spectrum | str]]:
         """One map over checkpoint × matrix for several checkpoints (a folder of them, a training run), in order.
 
         `jobs` may be a generator that opens each checkpoint: it is drawn from while the workers are busy, so opening
         (hashing) the next checkpoint overlaps the spectra of the previous ones; progress totals grow as it does."""
-        return self._map((job if isinstance(job, Job) else Job(job) for job in jobs), False, progress)
+        _check_null(null)
+        return self._map((job if isinstance(job, Job) else Job(job) for job in jobs), Work(null=null), progress)
+
+    def null_spectra(self, checkpoint: Checkpoint, spectra: Iterable[Spectrum], null: str,
+                     progress: Progress | None = None, *, upload: bytes | None = None) -> dict[str, Spectrum | str]:
+        """`spectra` (computed before, here or locally) with `null` added, as `Workspace.null_spectra` does."""
+        _check_null(null)
+        given = tuple(spectra)
+        by_name = {info.name: info for info in find_matrices(checkpoint)}
+        job = Job(checkpoint, tuple(by_name[sp.name] for sp in given), upload, given)
+        return self._map([job], Work(null=null), progress)[0]
 
     def factors(self, checkpoint: Checkpoint, infos: Sequence[MatrixInfo] | None = None,
                 progress: Progress | None = None, *, upload: bytes | None = None) -> dict[str, Factors | str]:
         """Economy SVD factors (U, S, Vh) in float32 of each matrix, as `Workspace.factors` computes them."""
-        return self._map([Job(checkpoint, _tuple(infos), upload)], True, progress)[0]
+        return self._map([Job(checkpoint, _tuple(infos), upload)], Work(factors=True), progress)[0]
 
     def describe(self) -> str:
         """One line for the CLI and the Overview card: where the work goes."""
@@ -198,6 +234,10 @@ class RayMap:
                                    "dashboard") from None
         return sorted({t.worker_pid for t in tasks if t.worker_pid})
 
+    def wait_until_warm(self) -> None:
+        """Block until the workers started at construction have imported what a task needs (benchmarks, tests)."""
+        self._ray.get(self._warming)
+
     def close(self) -> None:
         """Disconnect; a cluster started with address "local" stops with it."""
         if self._owns_connection and self._ray.is_initialized():
@@ -212,7 +252,7 @@ class RayMap:
 
     # ------------------------------------------------------------------------------------------------- the map
 
-    def _map(self, jobs: Iterable[Job], factors: bool, progress: Progress | None) -> list[dict[str, Result]]:
+    def _map(self, jobs: Iterable[Job], work: Work, progress: Progress | None) -> list[dict[str, Result]]:
         """Tasks largest first; the next checkpoint is opened (hashed, parsed) while the workers are busy."""
         ray = self._ray
         window = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))  # bounds tensors held in the object store
@@ -234,7 +274,7 @@ class RayMap:
                     opened.append(job)
                     infos.append(job.infos if job.infos is not None else tuple(find_matrices(job.checkpoint)))
                     results.append({})
-                    pending += self._plan(len(opened) - 1, job, infos[-1], factors)
+                    pending += self._plan(len(opened) - 1, job, infos[-1], work)
                     pending.sort(key=lambda task: -task.cost)  # largest first: a greedy schedule's makespan is near best
                     total += len(infos[-1])
                 while pending and len(running) < window:
@@ -263,8 +303,8 @@ class RayMap:
             raise
         if progress and total:
             progress(total, total, "")
-        return [{info.name: found[info.name] for info in job_infos if info.name in found}
-                for job_infos, found in zip(infos, results)]
+        return [{info.name: _scrubbed(found[info.name], job.checkpoint.root) for info in job_infos if info.name in found}
+                for job, job_infos, found in zip(opened, infos, results)]
 
     def _submit(self, task: _Task, checkpoint: Checkpoint, results: dict[str, Result]) -> tuple | None:
         """(object ref, task) of the submitted task; a task whose tensors travel reads them now, one ray.put each,
@@ -280,23 +320,27 @@ class RayMap:
                     results[info.name] = f"cannot read tensor: {_first_line(e)}"
             if not kept:
                 return None
-            task = replace(task, infos=tuple(kept))
+            task = replace(task, infos=tuple(kept), given=tuple(task.given[task.infos.index(i)] for i in kept))
         return self._remote.remote(task, self.device, self.threads_per_task, *refs), task
 
-    def _plan(self, j: int, job: Job, infos: tuple[MatrixInfo, ...], factors: bool) -> list[_Task]:
+    def _plan(self, j: int, job: Job, infos: tuple[MatrixInfo, ...], work: Work) -> list[_Task]:
         """The tasks of one checkpoint: matrices grouped by where a worker reads them, small ones batched."""
         ck = job.checkpoint
+        given = {sp.name: sp for sp in job.given}
+
+        def task(batch: tuple[MatrixInfo, ...], **where) -> _Task:
+            return _Task(j, batch, ck.sha256, work, tuple(given.get(info.name) for info in batch), **where)
+
         if job.upload is not None:
-            upload = _Upload([self._ray.put(bytes(job.upload))], Path(ck.source).name, ck.sha256)
-            return [_Task(j, batch, ck.sha256, upload=upload, factors=factors) for batch in _batches(infos)]
+            upload = _Upload(self._ray.put(bytes(job.upload)), Path(ck.source).name, ck.sha256)
+            return [task(batch, upload=upload) for batch in _batches(infos, work.weight)]
         files = _tensor_files(ck) if self.shared_filesystem else None
         if files is None:  # the tensors themselves travel, read when their task is submitted
-            return [_Task(j, batch, ck.sha256, factors=factors) for batch in _batches(infos)]
+            return [task(batch) for batch in _batches(infos, work.weight)]
         by_file: dict[FileStamp, list[MatrixInfo]] = {}
         for info in infos:
             by_file.setdefault(files[info.name], []).append(info)
-        return [_Task(j, batch, ck.sha256, file=stamp, factors=factors)
-                for stamp, group in by_file.items() for batch in _batches(group)]
+        return [task(batch, file=stamp) for stamp, group in by_file.items() for batch in _batches(group, work.weight)]
 
 
 # ------------------------------------------------------------------------------------------------- on the worker
@@ -318,12 +362,23 @@ def _run_task(task: _Task, device: str, threads: int, *tensors: torch.Tensor) ->
         try:
             tensor = tensors[i] if tensors else checkpoint.tensor(info.name)
             matrix = matrix_view(tensor, info)
-            answers.append((info.name, _factors(matrix) if task.factors else _matrix_spectrum(matrix, info, where)))
+            if task.work.factors:
+                answers.append((info.name, _factors(matrix)))
+                continue
+            spectrum = task.given[i] if task.given[i] is not None else _matrix_spectrum(matrix, info, where)
+            if not isinstance(spectrum, str) and task.work.null != "mp":
+                spectrum = null_spectrum(spectrum, matrix, task.work.null)
+            answers.append((info.name, spectrum))
         except (CheckpointError, KeyError, OSError, ValueError) as e:
             answers.append((info.name, f"cannot read tensor: {_first_line(e)}"))
         except Exception as e:  # noqa: BLE001 - one matrix's failure (out of memory, ...) must not lose the others
             answers.append((info.name, f"failed: {type(e).__name__}: {_first_line(e)}"))
     return answers
+
+
+def _warm_worker() -> int:
+    """Nothing but the imports that loading this function brought (torch, spectral); the worker's pid."""
+    return os.getpid()
 
 
 def _worker_checkpoint(task: _Task) -> Checkpoint:
@@ -336,7 +391,7 @@ def _worker_checkpoint(task: _Task) -> Checkpoint:
     if task.file is not None:
         checkpoint = _open_file(task.file, task.sha256)
     else:
-        data = import_ray().get(task.upload.data[0])
+        data = import_ray().get(task.upload.data)
         checkpoint = load_checkpoint_bytes(data, task.upload.filename)
     with _opened_lock:
         _opened[key] = checkpoint
@@ -359,11 +414,12 @@ def _open_file(stamp: FileStamp, sha256: str) -> Checkpoint:
 
 
 def _matrix_spectrum(matrix: torch.Tensor, info: MatrixInfo, device: Device) -> Spectrum | str:
-    """The local run's per-matrix step (`Workspace.spectra`): NaN/Inf matrices skipped, else float64 singular values."""
-    if not bool(torch.isfinite(matrix).all()):
-        bad = int((~torch.isfinite(matrix)).sum())
-        return f"{bad} NaN/Inf values: matrix skipped"
-    return Spectrum(info.name, tuple(info.shape), info.role, tuple(info.tied_with), singular_values_on(matrix, device))
+    """The local run's per-matrix step (`spectral.workspace.matrix_spectrum`), or the reason a NaN/Inf matrix has none;
+    on the CPU exactly the local route, elsewhere the device's singular values."""
+    try:
+        return matrix_spectrum(matrix, info, svd=None if device == CPU else partial(singular_values_on, device=device))
+    except NonFiniteMatrix as e:
+        return str(e)
 
 
 def _factors(matrix: torch.Tensor) -> Factors:
@@ -396,12 +452,25 @@ def _tensor_files(checkpoint: Checkpoint) -> dict[str, FileStamp] | None:
     return None
 
 
-def _batches(infos: Sequence[MatrixInfo]) -> list[tuple[MatrixInfo, ...]]:
+def _check_null(null: str) -> None:
+    if null not in NULLS:
+        raise ValueError(f"unknown null {null!r}; choose one of {', '.join(NULLS)}")
+
+
+def _scrubbed(result: Result, root: str | None) -> Result:
+    """A failure reason of a checkpoint from the server folder names its files relative to it, never the server's
+    own paths (as spectral.checkpoint's messages do)."""
+    if isinstance(result, str) and root:
+        return result.replace(root.rstrip("/") + "/", "").replace(root, ".")
+    return result
+
+
+def _batches(infos: Sequence[MatrixInfo], weight: float = 1.0) -> list[tuple[MatrixInfo, ...]]:
     """Matrices grouped into tasks: each large one alone, small ones together until their cost reaches TASK_COST."""
     batches, current, cost = [], [], 0.0
     for info in sorted(infos, key=_cost, reverse=True):
         current.append(info)
-        cost += _cost(info)
+        cost += _cost(info) * weight
         if cost >= TASK_COST:
             batches.append(tuple(current))
             current, cost = [], 0.0

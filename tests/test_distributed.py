@@ -4,7 +4,9 @@ The cluster is real: `ray start --head` on 127.0.0.1 with two worker CPUs, share
 fixture's finalizer. Oracles: the local run (`Workspace.spectra` / `Workspace.factors`) on the same checkpoint, and
 numpy's float64 SVD for the device routes.
 """
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,17 +22,32 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray gives thi
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # the driver presents the cluster's token (Ray's default auth)
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from spectral.analysis import Spectrum
-from spectral.checkpoint import load_checkpoint, load_checkpoint_bytes
-from spectral.devices import CPU, Device, DeviceError, float32_error, resolve_device, singular_values_on
+from spectral.checkpoint import load_checkpoint, load_checkpoint_bytes, open_in_folder
+from spectral.devices import (
+    CPU,
+    Device,
+    DeviceError,
+    device_note,
+    float32_error,
+    resolve_device,
+    singular_values_on,
+)
 from spectral.distributed import TASK_NAME, DistributedError, Job, RayMap, resolve_address
 from spectral.spectra import singular_values
 from spectral.workspace import Workspace
+
+try:  # Ray is optional (pip install "ray[default]", in the test requirements); psutil comes with it
+    import psutil
+    import ray
+    import ray.util.state
+except ImportError:
+    psutil = ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason='Ray is not installed: pip install "ray[default]"')
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
@@ -45,18 +62,36 @@ def free_port() -> int:
 
 
 def assert_same_spectra(remote: dict, local: dict[str, Spectrum], *, exact: bool = False) -> None:
-    """Every field equal; singular values to 1e-10 of the largest (bit for bit when `exact`)."""
+    """Every field of every Spectrum equal; floats and arrays to 1e-10 of the largest value (bit for bit when
+    `exact`): the cluster runs the local route, only its thread count may sum in another order."""
     assert list(remote) == list(local)
     for name, want in local.items():
-        got = remote[name]
-        assert isinstance(got, Spectrum), f"{name}: {got}"
-        assert (got.name, got.shape, got.role, got.tied_with) == (want.name, want.shape, want.role, want.tied_with)
-        assert got.singular_values.dtype == np.float64 and got.singular_values.shape == want.singular_values.shape
-        if exact:
-            assert np.array_equal(got.singular_values, want.singular_values), name
-        else:
-            gap = np.max(np.abs(got.singular_values - want.singular_values))
-            assert gap <= 1e-10 * want.singular_values[0], (name, gap)
+        assert isinstance(remote[name], Spectrum), f"{name}: {remote[name]}"
+        assert_same(remote[name], want, name, exact)
+
+
+def assert_same(got, want, where: str, exact: bool) -> None:
+    if dataclasses.is_dataclass(want):
+        assert type(got) is type(want), where
+        for f in dataclasses.fields(want):
+            assert_same(getattr(got, f.name), getattr(want, f.name), f"{where}.{f.name}", exact)
+    elif isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype and got.shape == want.shape, where
+        scale = float(np.max(np.abs(want))) if want.size else 0.0
+        assert np.allclose(got, want, rtol=0, atol=0 if exact else 1e-10 * scale, equal_nan=True), where
+    elif isinstance(want, float):
+        assert isinstance(got, float) and (math.isnan(got) and math.isnan(want) or
+                                           math.isclose(got, want, rel_tol=0 if exact else 1e-10)), where
+    elif isinstance(want, (tuple, list)):
+        assert type(got) is type(want) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]", exact)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want), where
+        for key in want:
+            assert_same(got[key], want[key], f"{where}[{key!r}]", exact)
+    else:
+        assert got == want, where
 
 
 def local_run(checkpoint) -> tuple[dict[str, Spectrum], dict[str, str]]:
@@ -133,7 +168,9 @@ def connect(address: str, head: subprocess.Popen) -> RayMap:
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start --head did not open {address}") from None
             time.sleep(0.2)
-    return RayMap(address)
+    rmap = RayMap(address)
+    rmap.wait_until_warm()  # every worker has imported torch and spectral before the first test is timed
+    return rmap
 
 
 def stop(head: subprocess.Popen) -> None:
@@ -223,11 +260,15 @@ def test_float32_route_error_is_measured_against_float64():
     assert error == pytest.approx(np.max(np.abs(singular_values_on(w, single) - want)) / want[0], rel=1e-6, abs=1e-12)
     assert 0 < error < 1e-5  # float32 carries ~7 digits of s_max, float64 ~16
     assert single.describe() == "cpu (float32 route on the CPU, float32)"
+    note = device_note(single, w)
+    assert note.startswith(single.describe()) and f"{error:.1e}" in note
+    assert device_note(CPU, w) == "cpu (CPU, float64)"  # float64: nothing to state
 
 
 # ---------------------------------------------------------------------------------------------- the cluster
 
 @pytest.mark.slow
+@needs_ray
 def test_demo_on_the_cluster_equals_the_local_run(cluster):
     ws = Workspace.open("demo")
     local = ws.spectra()
@@ -247,6 +288,7 @@ def test_demo_on_the_cluster_equals_the_local_run(cluster):
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_written_safetensors_file_equals_the_local_run_with_skips_and_factors(cluster, tmp_path):
     path = tmp_path / "mixed.safetensors"
     save_file(mixed_state(), str(path))
@@ -269,6 +311,7 @@ def test_a_written_safetensors_file_equals_the_local_run_with_skips_and_factors(
 
 
 @pytest.mark.slow
+@needs_ray
 def test_an_upload_travels_through_the_object_store(cluster, tmp_path):
     path = tmp_path / "upload.safetensors"
     save_file(mixed_state(seed=5), str(path))
@@ -284,6 +327,7 @@ def test_an_upload_travels_through_the_object_store(cluster, tmp_path):
 
 
 @pytest.mark.slow
+@needs_ray
 def test_several_checkpoints_in_one_map(cluster, tmp_path):
     demo = load_checkpoint("demo")
     paths = []
@@ -303,22 +347,26 @@ def test_several_checkpoints_in_one_map(cluster, tmp_path):
 
 
 @pytest.mark.slow
+@needs_ray
 def test_an_unreadable_shard_is_reported_for_its_matrix_and_the_rest_complete(cluster, tmp_path):
     state = mixed_state(seed=7)
     del state["broken.weight"]
     names = list(state)
     folder = write_sharded_folder(tmp_path / "sharded", state, [names[:-1], names[-1:]])
-    checkpoint = load_checkpoint(folder)
+    checkpoint = open_in_folder(tmp_path, "sharded")  # as the app opens the server folder's entries
     local, _ = local_run(checkpoint)
     last = folder / "model-00002-of-00002.safetensors"
     last.write_bytes(last.read_bytes()[:-100])  # cut short after the driver opened the folder
     spectra, failed = split(cluster.spectra(checkpoint))
     assert list(failed) == ["conv.weight"]
-    assert "model-00002-of-00002.safetensors" in failed["conv.weight"] and "truncated" in failed["conv.weight"]
+    reason = failed["conv.weight"]
+    assert "sharded/model-00002-of-00002.safetensors" in reason and "truncated" in reason
+    assert str(tmp_path) not in reason  # the server's own paths stay private
     assert_same_spectra(spectra, {k: v for k, v in local.items() if k != "conv.weight"})
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_worker_killed_mid_run_does_not_lose_the_job(cluster, tmp_path):
     g = torch.Generator().manual_seed(11)
     state = {f"layers.{i}.mlp.up_proj.weight": torch.randn(1500, 1200, generator=g) for i in range(4)}
@@ -348,12 +396,27 @@ def test_a_worker_killed_mid_run_does_not_lose_the_job(cluster, tmp_path):
 
 def retried_tasks() -> int:
     """How many spectra tasks Ray ran more than once (its state API; task events arrive within a second)."""
-    from ray.util.state import list_tasks
-
     deadline = time.monotonic() + 15
     while True:
-        tasks = list_tasks(filters=[("name", "=", TASK_NAME)], limit=10_000, raise_on_missing_output=False)
+        tasks = ray.util.state.list_tasks(filters=[("name", "=", TASK_NAME)], limit=10_000, raise_on_missing_output=False)
         retried = {t.task_id for t in tasks if t.attempt_number >= 1}
         if retried or time.monotonic() > deadline:
             return len(retried)
         time.sleep(0.5)
+
+
+@pytest.mark.slow
+@needs_ray
+def test_nulls_on_the_cluster_equal_the_local_ones(cluster, tmp_path):
+    g = torch.Generator().manual_seed(13)
+    path = tmp_path / "small.safetensors"
+    save_file({"a.weight": torch.randn(60, 90, generator=g), "b.weight": torch.randn(120, 50, generator=g) ** 3},
+              str(path))
+    checkpoint = load_checkpoint(path)
+    for null in ("biwhitened", "permutation"):
+        local = Workspace(checkpoint).null_spectra(null)
+        assert_same_spectra(cluster.spectra(checkpoint, null=null), local)  # spectrum and null in one task
+        plain = cluster.spectra(checkpoint)
+        assert_same_spectra(cluster.null_spectra(checkpoint, plain.values(), null), local)  # the null added later
+    with pytest.raises(ValueError, match="unknown null"):
+        cluster.spectra(checkpoint, null="gaussian")
