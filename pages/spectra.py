@@ -39,20 +39,21 @@ if view == "One matrix":
         st.markdown(f"**{name}**")
         st.caption(f"{rep.shape[0]}×{rep.shape[1]} · {rep.role}" + (f" · tied with {', '.join(rep.tied_with)}"
                                                                      if rep.tied_with else ""))
+        null = figures.NULL_LABELS.get(rep.null, rep.null)
+        if rep.null_ok:
+            st.badge(f"{null} null fits", icon=":material/check:", color="green")
+        else:
+            st.badge(f"{null} null does not fit", icon=":material/warning:", color="red")
         m1, m2 = st.columns(2)
         m1.metric("σ̂", f"{rep.sigma:.3g}", help="noise level, weight units")
-        m2.metric("z max", f"{rep.z_max:.1f}", help="largest MP z-score (TW units)")
-        m1.metric("signal SVs", rep.n_signal, help="singular values above the upper edge")
+        m2.metric("z max", f"{rep.z_max:.1f}", help="largest z-score against the null (TW units)")
+        m1.metric("signal SVs" if rep.null_ok else "signal SVs (null fails)", rep.n_signal if rep.null_ok else
+                  f"{rep.n_signal}?", help="singular values above the upper edge" + ("" if rep.null_ok else
+                  ": the null does not describe this matrix, so this is not a detection count (warnings below)"))
         m2.metric("below edge", rep.n_below, help="left outliers (only where a lower edge exists)")
         m1.metric("energy rank", rep.energy_rank, help=f"SVs holding {analysis.settings.energy:g} of Σs²")
         m2.metric("utilization", f"{100 * rep.utilization:.1f}%")
-        st.markdown(
-            f"| quantity | value |\n|---|---|\n| upper edge | {rep.edge_upper:.4g} |\n"
-            f"| lower edge | {'—' if rep.edge_lower is None else f'{rep.edge_lower:.4g}'} |\n"
-            f"| Gavish-Donoho rank | {rep.n_optimal} |\n| stable rank | {rep.stable_rank:.2f} |\n"
-            f"| effective rank | {rep.effective_rank:.1f} |\n| KS to MP | {rep.ks_distance:.3f} |\n"
-            f"| α (power law) | {'—' if rep.alpha is None else f'{rep.alpha:.2f}'} |\n"
-            f"| ‖W‖₂ | {rep.spectral_norm:.4g} |")
+        st.markdown(tables.report_markdown(rep))
         for w in rep.warnings:
             st.warning(w, icon=":material/warning:")
     tables.chart(figures.scree_plot(sp, rep, settings=analysis.settings, context=context), key="spectrum_scree",

@@ -14,6 +14,7 @@ from spectral.commands import (
     analyze,
     compare,
     deciles,
+    nulls,
     overlap,
     prune,
     redundancy,
@@ -27,8 +28,8 @@ from spectral.commands import (
 from spectral.commands.common import UsageError
 
 # in help order
-COMMANDS = (analyze, prune, report, compare, trajectory, truths, tying, thresholds, deciles, overlap, redundancy,
-            whitened)
+COMMANDS = (analyze, prune, report, compare, trajectory, nulls, truths, tying, thresholds, deciles, overlap,
+            redundancy, whitened)
 
 EXIT_BAD_ARGS = 2
 EXIT_BAD_CHECKPOINT = 3

@@ -6,7 +6,8 @@ import io
 from collections.abc import Sequence
 
 # DESIGN.md's per-matrix fields in the order tables show them; fields added later are appended after these
-MATRIX_COLUMNS = ("name", "shape", "role", "tied_with", "sigma", "edge_upper", "edge_lower", "n_signal", "n_below",
+MATRIX_COLUMNS = ("name", "shape", "role", "tied_with", "sigma", "edge_upper", "edge_lower", "n_signal", "null_ok",
+                  "null", "n_below",
                   "z_max", "energy_rank", "utilization", "stable_rank", "effective_rank", "participation_ratio",
                   "spectral_norm", "frobenius_norm", "alpha", "ave_w_phi", "ks_distance", "warnings")
 

@@ -18,8 +18,8 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import kaleido
+import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
@@ -41,6 +41,7 @@ ENERGY_COLOR = SKY
 
 ROLE_ORDER = ROLES  # the order roles are listed in, input to output (spectral/matrices.py)
 ESTIMATOR_LABELS = {"bema": "BEMA", "broadening": "Gaussian broadening", "median": "median (Gavish-Donoho)"}
+NULL_LABELS = {"mp": "i.i.d. MP", "biwhitened": "biwhitened MP", "permutation": "permutation (shuffled entries)"}
 
 # the modebar's "download plot" button in the browser: PNG at twice the on-screen size
 PLOTLY_CONFIG = {
@@ -85,7 +86,8 @@ def _layout(fig: go.Figure, title: str, subtitle: str = "", *, width: int | None
 def settings_line(settings) -> str:
     """'σ̂: BEMA · TW edges at c = 0.99 · energy p = 0.999' for an `analysis.Settings`."""
     est = ESTIMATOR_LABELS.get(settings.estimator, settings.estimator)
-    return f"σ̂: {est} · TW edges at c = {settings.confidence:g} · energy p = {settings.energy:g}"
+    null_part = "" if settings.null == "mp" else f" · null: {NULL_LABELS.get(settings.null, settings.null)}"
+    return f"σ̂: {est} · TW edges at c = {settings.confidence:g} · energy p = {settings.energy:g}{null_part}"
 
 
 def checkpoint_label(checkpoint: dict) -> str:
@@ -175,7 +177,7 @@ def histogram_data(spectrum, report, *, space: str = "singular", log_x: bool = F
     # MP expectation M·(F(b) − F(a)) for a bin of the plot's width around each x (RMT.md §1.6); the singular-value
     # law is in x = s/√N units (RMT.md §1.2), so raw s is scaled by 1/√N before its cdf
     sigma = max(float(report.sigma), 1e-300)
-    law = mp.MarchenkoPasturSingular(spectrum.q, sigma) if space == "singular" else mp.MarchenkoPastur(spectrum.q, sigma)
+    law = (mp.MarchenkoPasturSingular if space == "singular" else mp.MarchenkoPastur)(spectrum.q, sigma)
     unit = math.sqrt(N) if space == "singular" else 1.0
     x_lo, x_hi = (edge * unit for edge in law.support())
     lo_plot, hi_plot = float(edges[0]), float(edges[-1])
@@ -376,7 +378,7 @@ def rank_rows_by_matrix(analysis) -> list[dict]:
     for r in analysis.matrices:
         rows.append({"label": r.name, "role": r.role, "rank": r.rank, "n_signal": r.n_signal,
                      "energy_rank": r.energy_rank, "signal_pct": 100.0 * r.n_signal / max(r.rank, 1),
-                     "utilization_pct": 100.0 * r.utilization})
+                     "utilization_pct": 100.0 * r.utilization, "null_failed": 0 if r.null_ok else 1, "matrices": 1})
     return rows
 
 
@@ -385,7 +387,8 @@ def rank_contrast(rows: Sequence[dict], *, title: str, context: str = "", energy
     """Grouped horizontal bars: MP signal rank % against energy utilization % of full rank, per row.
 
     rows: dicts with `label_key`, `signal_pct`, `utilization_pct`, `n_signal`, `energy_rank` and `rank`
-    (`full_rank` is accepted for role rows).
+    (`full_rank` is accepted for role rows); with `null_failed` (of `matrices`), a signal bar whose null does not fit
+    every matrix behind it is hatched and its label says how many: that count is not a detection (RMT.md §11).
     """
     labels = [str(r[label_key]) for r in rows][::-1]  # first row on top
     full = [int(r.get("rank", r.get("full_rank", 0))) for r in rows][::-1]
@@ -393,14 +396,20 @@ def rank_contrast(rows: Sequence[dict], *, title: str, context: str = "", energy
     util = [float(r["utilization_pct"]) for r in rows][::-1]
     n_sig = [int(r["n_signal"]) for r in rows][::-1]
     n_en = [int(r["energy_rank"]) for r in rows][::-1]
+    failed = [int(r.get("null_failed", 0)) for r in rows][::-1]
+    of = [int(r.get("matrices", 1)) for r in rows][::-1]
+    marks = ["" if f == 0 else ("  null fails" if o == 1 else f"  null fails on {f}/{o}") for f, o in zip(failed, of)]
     p = f" at p = {energy:g}" if energy is not None else ""
     fig = go.Figure()
     fig.add_trace(go.Bar(y=labels, x=util, orientation="h", name=f"energy rank{p} (utilization)",
                          marker_color=ENERGY_COLOR, text=[f"{v:.0f}%  ({k}/{f})" for v, k, f in zip(util, n_en, full)],
                          textposition="outside", cliponaxis=False, textfont=dict(size=12),
                          hovertemplate="%{y}<br>energy rank %{text}<extra></extra>"))
-    fig.add_trace(go.Bar(y=labels, x=sig, orientation="h", name="MP signal rank (above the TW edge)",
-                         marker_color=SIGNAL_COLOR, text=[f"{v:.1f}%  ({k}/{f})" for v, k, f in zip(sig, n_sig, full)],
+    fig.add_trace(go.Bar(y=labels, x=sig, orientation="h",
+                         name="MP signal rank (above the TW edge)" + (": hatched where the null does not fit"
+                                                                      if any(failed) else ""),
+                         marker=dict(color=SIGNAL_COLOR, pattern=dict(shape=["/" if f else "" for f in failed])),
+                         text=[f"{v:.1f}%  ({k}/{f}){m}" for v, k, f, m in zip(sig, n_sig, full, marks)],
                          textposition="outside", cliponaxis=False, textfont=dict(size=12),
                          hovertemplate="%{y}<br>signal rank %{text}<extra></extra>"))
     n = len(labels)

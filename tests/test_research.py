@@ -613,9 +613,9 @@ def test_research_page_runs_views_on_the_demo():
     page = Path(__file__).resolve().parent.parent / "pages" / "research.py"
     at = AppTest.from_file(str(page), default_timeout=300).run()
     assert not at.exception, [e.value for e in at.exception]
-    assert at.title[0].value == "Research" and len(at.tabs) == 7
+    assert at.title[0].value == "Research" and len(at.tabs) == 8
     charts = 0
-    for view in ("truths", "tying", "overlap"):
+    for view in ("truths", "nulls", "tying", "overlap"):
         at.button(key=f"research_run_{view}").click().run()
         assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
         assert len(at.get("plotly_chart")) > charts

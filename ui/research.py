@@ -8,11 +8,13 @@ import json
 import streamlit as st
 
 from spectral.analysis import Settings
+from spectral.figures import NULL_LABELS
 from spectral.library import Opened
 from spectral.research import figures as rf
 from spectral.research.common import NeedsForward, ResearchError, jsonable
 from spectral.research.context import ResearchContext
 from spectral.research.deciles import deciles, type_groups
+from spectral.research.nulls import nulls
 from spectral.research.overlap import overlap
 from spectral.research.redundancy import redundancy
 from spectral.research.thresholds import CONFIDENCES, default_matrix, thresholds
@@ -32,6 +34,7 @@ VIEWS = {
     "overlap": lambda c, s, p, **k: overlap(c, s, progress=p),
     "redundancy": lambda c, s, p, **k: redundancy(c, progress=p),
     "whitened": lambda c, s, p, **k: whitened(c, fractions=k["fractions"], scope=k["scope"], progress=p),
+    "nulls": lambda c, s, p, **k: nulls(c.workspace, s, which=tuple(k["nulls"]), progress=p),
 }
 
 
@@ -189,6 +192,23 @@ def whitened_tab(opened: Opened, settings: Settings) -> None:
                       for p, w in zip(doc["plain"], doc["whitened"])], hide_index=True)
 
 
-TABS = [("Two truths", truths_tab), ("Weight tying", tying_tab), ("Threshold quality", thresholds_tab),
-        ("Small singular values", deciles_tab), ("Overlap", overlap_tab), ("Redundancy", redundancy_tab),
+def nulls_tab(opened: Opened, settings: Settings) -> None:
+    st.markdown("**Honest nulls (RMT.md §11).** The MP signal count assumes i.i.d. entries; trained weights have "
+                "row/column variance profiles and heavy tails. Per role, the signal under the i.i.d. MP null, under "
+                "MP after biwhitening (variance profiles removed) and against shuffles of each matrix's own entries "
+                "(heavy tails kept), with how many matrices each null fits. No forward pass.")
+    chosen = st.multiselect("Nulls", list(NULL_LABELS), default=list(NULL_LABELS), key="research_nulls",
+                            format_func=NULL_LABELS.get)
+    if doc := run_view(opened, settings, "nulls", {"nulls": [n for n in NULL_LABELS if n in (chosen or ["mp"])]},
+                       "Count the signal under each null"):
+        chart(rf.nulls_figure(doc), key="research_nulls_fig", filename="nulls")
+        t = doc["totals"]
+        st.caption(f"Whole model: signal {', '.join(f'{NULL_LABELS[n]} {v:.1f}%' for n, v in t['signal_pct'].items())}"
+                   f"; under each matrix's fitting null {t['fitting_signal_pct'] or 0:.1f}% "
+                   f"({t['unfitted']} of {t['matrices']} matrices fit none); energy utilisation "
+                   f"{t['utilization_pct']:.1f}%.")
+
+
+TABS = [("Two truths", truths_tab), ("Nulls", nulls_tab), ("Weight tying", tying_tab),
+        ("Threshold quality", thresholds_tab), ("Small singular values", deciles_tab), ("Overlap", overlap_tab), ("Redundancy", redundancy_tab),
         ("Whitened SVD", whitened_tab)]

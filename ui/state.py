@@ -23,9 +23,10 @@ from spectral import gallery
 from spectral.analysis import Analysis, Settings
 from spectral.checkpoint import CheckpointError, list_checkpoints, load_checkpoint_files, open_in_folder
 from spectral.evaluation import EvaluationError
-from spectral.figures import ESTIMATOR_LABELS
+from spectral.figures import ESTIMATOR_LABELS, NULL_LABELS
 from spectral.library import Library, Opened
 from spectral.noise import ESTIMATORS
+from spectral.nulls import NULLS
 from spectral.runtime import BatchSpec
 from spectral.whatif import WhatIfSession
 
@@ -162,7 +163,8 @@ def require_current() -> Opened:
 def settings() -> Settings:
     """The analysis settings chosen in the sidebar (defaults of RMT.md before any choice)."""
     ss = st.session_state
-    return Settings(ss.get("estimator", "bema"), float(ss.get("confidence", 0.99)), float(ss.get("energy", 0.999)))
+    return Settings(ss.get("estimator", "bema"), float(ss.get("confidence", 0.99)), float(ss.get("energy", 0.999)),
+                    ss.get("null", "mp"))
 
 
 def settings_widgets() -> None:
@@ -174,6 +176,10 @@ def settings_widgets() -> None:
                      help="Tracy-Widom confidence of the bulk edges: 0.99 is the 'z > 2' rule; 0.90 is BEMA's default.")
     st.select_slider("Energy level p", ENERGIES, value=0.999, key="energy",
                      help="The energy rank keeps this fraction of Σs² (0.999: the PhotonicGPT study's level).")
+    st.selectbox("Null model", list(NULLS), key="null", format_func=lambda k: NULL_LABELS.get(k, k),
+                 help="What 'signal' is measured against (RMT.md §11): i.i.d. Marchenko-Pastur; MP after "
+                      "biwhitening (row/column variance profiles); or shuffles of the matrix's own entries "
+                      "(heavy tails). Each matrix says whether its null fits.")
 
 
 def progress_bar(text: str):

@@ -19,7 +19,11 @@ def matrix_table(analysis, *, height: int | str | None = None, key: str | None =
             "sigma": cfg.NumberColumn("σ̂", format="%.4g", help="noise level in weight units"),
             "edge_upper": cfg.NumberColumn("upper edge", format="%.4g", help="TW-corrected, singular-value units"),
             "edge_lower": cfg.NumberColumn("lower edge", format="%.4g"),
-            "n_signal": cfg.NumberColumn("signal SVs", help="singular values above the upper edge"),
+            "n_signal": cfg.NumberColumn("signal SVs", help="singular values above the upper edge; a detection count "
+                                                            "only where the null fits (next column)"),
+            "null_ok": cfg.CheckboxColumn("null fits", help="the diagnostics say the null describes this matrix "
+                                                            "(RMT.md §11); where it does not, the signal count is not "
+                                                            "a detection: see warnings"),
             "n_below": cfg.NumberColumn("below", help="left outliers"),
             "z_max": cfg.NumberColumn("z max", format="%.1f"),
             "energy_rank": cfg.NumberColumn("energy rank"),
@@ -41,3 +45,23 @@ def chart(fig, *, key: str | None = None, filename: str = "figure"):
     config = dict(figures.PLOTLY_CONFIG)
     config["toImageButtonOptions"] = dict(config["toImageButtonOptions"], filename=figures.safe_filename(filename))
     st.plotly_chart(fig, theme=None, config=config, key=key)
+
+
+def _num(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def report_markdown(rep) -> str:
+    """One matrix's analysis row as a two-column markdown table: edges, ranks, fit and null diagnostics."""
+    rows = [("upper edge", _num(rep.edge_upper, ".4g")), ("lower edge", _num(rep.edge_lower, ".4g")),
+            ("Gavish-Donoho rank", rep.n_optimal), ("stable rank", _num(rep.stable_rank, ".2f")),
+            ("effective rank", _num(rep.effective_rank, ".1f")), ("KS to MP (bulk)", _num(rep.ks_distance, ".3f")),
+            ("KS to MP (whole spectrum)", _num(rep.ks_whole, ".3f")),
+            ("outside the bulk (above / below)", f"{_num(rep.frac_above, '.1%')} / {_num(rep.frac_below, '.1%')}"),
+            ("row / column mean-square spread", f"{_num(rep.row_spread, '.2f')} / {_num(rep.col_spread, '.2f')}"
+                                                "  (1 = i.i.d.)"),
+            ("entry excess kurtosis", _num(rep.excess_kurtosis, ".2f")),
+            ("α (power law)", _num(rep.alpha, ".2f")), ("‖W‖₂", _num(rep.spectral_norm, ".4g"))]
+    if rep.quant is not None:
+        rows.append((f"quantisation {rep.quant}: its noise σ", _num(rep.quant_sigma, ".3g")))
+    return "| quantity | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -15,6 +15,7 @@ from spectral.commands.common import UsageError, add_checkpoint_argument, probab
 from spectral.evaluation import DEFAULT_POSITIONS
 from spectral.figures import FigureExportError
 from spectral.noise import ESTIMATORS
+from spectral.nulls import NULLS
 from spectral.pruning import PRECISIONS, SCOPES, STRATEGIES, PlanError, Strategy
 from spectral.report import build_report
 from spectral.runtime import BatchSpec, ModelRuntime
@@ -31,6 +32,7 @@ def register(sub) -> None:
     p.add_argument("--estimator", choices=list(ESTIMATORS), default="bema", help="noise σ estimator")
     p.add_argument("--confidence", type=probability, default=0.99, help="TW confidence of the edges")
     p.add_argument("--energy", type=probability, default=0.999, help="energy kept by the energy rank")
+    p.add_argument("--null", choices=list(NULLS), default="mp", help="what the signal counts refer to (default mp)")
     p.add_argument("--matrix", help="the matrix of the spectrum figures (default: the one with most signal)")
     p.add_argument("--role", help="the role of the small multiples (default: the matrix's role)")
     p.add_argument("--strategy", choices=list(STRATEGIES), default="none", help="the cut marked in the what-if chart")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         Strategy(args.strategy, args.value, args.precision)
     except PlanError as e:
         raise UsageError(str(e)) from None
-    settings = Settings(estimator=args.estimator, confidence=args.confidence, energy=args.energy)
+    settings = Settings(estimator=args.estimator, confidence=args.confidence, energy=args.energy, null=args.null)
     runtime = ModelRuntime.open(args.checkpoint)
     names = {m.name for m in runtime.workspace.matrices}
     if args.matrix is not None and args.matrix not in names:

@@ -23,6 +23,7 @@ from spectral.commands.common import (
 )
 from spectral.evaluation import DEFAULT_POSITIONS, EvaluationError
 from spectral.noise import ESTIMATORS
+from spectral.nulls import NULLS
 from spectral.research.common import NeedsForward, ResearchError, jsonable
 from spectral.research.context import ResearchContext
 
@@ -41,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser, *, evaluation: bool = True, settin
         p.add_argument("--estimator", choices=list(ESTIMATORS), default="bema", help="noise σ estimator")
         p.add_argument("--confidence", type=probability, default=0.99, help="TW confidence of the edges")
         p.add_argument("--energy", type=probability, default=0.999, help="energy kept by the energy rank")
+        p.add_argument("--null", choices=list(NULLS), default="mp",
+                       help="what the signal counts and MP cuts are measured against (default mp)")
 
 
 def floats(text: str) -> list[float]:
@@ -57,7 +60,7 @@ def floats(text: str) -> list[float]:
 def settings_of(args: argparse.Namespace) -> Settings:
     if args.confidence >= 1.0:
         raise UsageError(f"--confidence must be below 1, got {args.confidence}")
-    return Settings(estimator=args.estimator, confidence=args.confidence, energy=args.energy)
+    return Settings(estimator=args.estimator, confidence=args.confidence, energy=args.energy, null=args.null)
 
 
 def open_context(args: argparse.Namespace) -> ResearchContext:

@@ -92,6 +92,39 @@ def truths_roles_figure(doc: dict) -> go.Figure:
                               energy=s["energy"], label_key="role")
 
 
+NULL_STYLE = {"mp": (SIGNAL_COLOR, "i.i.d. MP"), "biwhitened": (ORANGE, "biwhitened MP"),
+              "permutation": (GREEN, "permutation")}
+
+
+def nulls_figure(doc: dict) -> go.Figure:
+    """Signal % of the full rank per matrix role under each null (spectral/research/nulls.py), and under each
+    matrix's fitting null; a bar is hatched where its null does not fit every matrix of the role."""
+    roles = doc["roles"][::-1]  # first role on top
+    labels = [r["role"] for r in roles]
+    fig = go.Figure()
+    for null in doc["nulls"]:
+        color, name = NULL_STYLE.get(null, (BLACK, null))
+        fits = [r["null_fits"][null] for r in roles]
+        fig.add_trace(go.Bar(y=labels, x=[r["signal_pct"][null] for r in roles], orientation="h", name=name,
+                             marker=dict(color=color, pattern=dict(shape=["" if f == r["matrices"] else "/"
+                                                                          for f, r in zip(fits, roles)])),
+                             text=[f"{r['signal_pct'][null]:.1f}%  (fits {f}/{r['matrices']})"
+                                   for f, r in zip(fits, roles)],
+                             textposition="outside", cliponaxis=False))
+    fig.add_trace(go.Bar(y=labels, x=[r.get("fitting_signal_pct") or 0.0 for r in roles], orientation="h",
+                         name="under each matrix's fitting null", marker_color=BLACK,
+                         text=[("n/a" if r.get("fitting_signal_pct") is None else f"{r['fitting_signal_pct']:.1f}%")
+                               + (f"  ({r['unfitted']} fit none)" if r["unfitted"] else "") for r in roles],
+                         textposition="outside", cliponaxis=False))
+    fig.update_layout(barmode="group", bargap=0.2, legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom",
+                                                               traceorder="reversed"))
+    fig.update_xaxes(title_text="singular values above the null's edge, % of full rank", rangemode="tozero")
+    fig.update_yaxes(showgrid=False)
+    n = len(labels) * (len(doc["nulls"]) + 1)
+    return _layout(fig, "Signal under each null, per matrix role (hatched: the null does not fit every matrix)",
+                   context(doc), height=max(360, 22 * n + 200), margin=dict(t=130))
+
+
 def truths_rules_figure(doc: dict) -> go.Figure:
     """Agreement (bars) and KL (labels) of each pruning rule applied to every matrix."""
     rules = doc["rules"]
