@@ -51,7 +51,7 @@ from spectral.workspace import Workspace
 
 Progress = Callable[[int, int, str], None]
 IGNORED_PREFIXES = STRIPPED_PREFIXES + ("base_model.model.",)  # torch.compile, DDP, PEFT wrappers
-PAIR_CACHE = 8  # pairs of checkpoints whose ΔW spectra and singular vectors are kept per process
+PAIR_CACHE = 4  # pairs of checkpoints whose ΔW spectra and singular vectors are kept per process
 CHANGED_METRICS = ("sigma", "n_signal", "energy_rank", "alpha", "stable_rank")
 
 
@@ -273,7 +273,8 @@ class _Update:
 
 @dataclass
 class _Vectors:
-    """Top singular vectors of one matrix (float64): left (rows × K) and right (cols × K), K the most asked for."""
+    """Top singular vectors of one matrix, kept in float32 (they are computed to that accuracy): left (rows × K) and
+    right (cols × K), K the most asked for."""
 
     left: np.ndarray
     right: np.ndarray
@@ -387,7 +388,8 @@ class PairComparer:
         if k > 0 and not update.identical:
             for side, name, w in (("a", match.a.name, wa), ("b", match.b.name, wb)):
                 if self._kept(side, name, k) is None:
-                    self._vectors[(side, name)] = _Vectors(*top_singular_vectors(w, k))
+                    left, right = top_singular_vectors(w, k)
+                    self._vectors[(side, name)] = _Vectors(left.astype(np.float32), right.astype(np.float32))
         return update
 
     def deltas(self, settings: Settings = Settings()) -> dict[str, DeltaReport]:
@@ -401,7 +403,9 @@ class PairComparer:
         if identical:
             return SubspaceReport(k, (0.0,) * k, (0.0,) * k)
         va, vb = self._kept("a", match.a.name, k), self._kept("b", match.b.name, k)
-        return SubspaceReport(k, principal_angles_deg(va.right, vb.right), principal_angles_deg(va.left, vb.left))
+        right = principal_angles_deg(va.right.astype(np.float64), vb.right.astype(np.float64))
+        left = principal_angles_deg(va.left.astype(np.float64), vb.left.astype(np.float64))
+        return SubspaceReport(k, right, left)
 
     def compare(self, settings: Settings = Settings(), progress: Progress | None = None) -> Comparison:
         """The comparison at these settings: rows from each workspace's cached spectra, the rest from this pair's;

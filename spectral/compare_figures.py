@@ -28,7 +28,6 @@ from spectral.figures import (
     SKY,
     TEMPLATE,
     VERMILION,
-    YELLOW,
     checkpoint_label,
     settings_line,
     spectrum_histogram,
@@ -36,8 +35,10 @@ from spectral.figures import (
 from spectral.trajectory import Trajectory
 
 A_COLOR, B_COLOR = BLUE, VERMILION
-ROLE_COLORS = dict(zip(ROLE_ORDER, [BLUE, VERMILION, GREEN, ORANGE, PURPLE, SKY, YELLOW, BLACK, "#7F7F7F",
-                                    "#8C564B", "#17BECF", BULK_COLOR]))
+ROLE_COLORS = {  # Okabe-Ito first, then muted extras: distinct for Llama's nine roles, no yellow on white
+    "embedding": BLUE, "attn_qkv": VERMILION, "attn_q": ORANGE, "attn_k": PURPLE, "attn_v": "#8C564B",
+    "attn_out": GREEN, "mlp_up": SKY, "mlp_gate": "#7F7F7F", "mlp_down": BLACK, "head": "#17BECF",
+    "conv": "#B8860B", "other": BULK_COLOR}
 METRIC_LABELS = {"sigma": "noise σ̂ (weight units)", "n_signal": "MP signal rank (singular values above the edge)",
                  "energy_rank": "energy rank", "alpha": "power-law α", "stable_rank": "stable rank ‖W‖_F²/‖W‖₂²",
                  "signal_pct": "MP signal rank (% of full rank)", "energy_pct": "energy rank (% of full rank)"}
@@ -176,11 +177,14 @@ def delta_bars(comparison: Comparison) -> go.Figure:
 
 # ----------------------------------------------------------------------------------------------- trajectories
 
+LOG_STEPS = 20  # steps spanning this ratio or more are drawn on a log axis
+
+
 def _step_axis(steps: Sequence[int]) -> tuple[dict, dict[int, float]]:
-    """A log step axis when the steps span two decades (step 0, the initialisation, drawn a third of the way to the
+    """A log step axis when the positive steps span LOG_STEPS or more (step 0, the initialisation, drawn a third of the way to the
     first positive step and labelled 0), else a linear one. Returns (axis settings, step -> x)."""
     positive = sorted({s for s in steps if s > 0})
-    if len(positive) >= 2 and positive[-1] / positive[0] >= 100:
+    if len(positive) >= 2 and positive[-1] / positive[0] >= LOG_STEPS:
         zero_at = positive[0] / 3
         where = {s: (float(s) if s > 0 else zero_at) for s in steps}
         ticks = sorted(set(where.values()))
@@ -191,7 +195,8 @@ def _step_axis(steps: Sequence[int]) -> tuple[dict, dict[int, float]]:
 
 
 def trajectory_ranks(result: Trajectory, *, context: str = "") -> go.Figure:
-    """MP signal rank (solid) against energy rank (dashed) over training, as % of the full rank, one colour per role."""
+    """MP signal rank (solid) against energy rank (dashed) over training, as % of the full rank on one scale, one
+    colour per role."""
     axis, where = _step_axis(result.steps)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("MP signal rank (% of full rank)",
                                                         f"energy rank at p = {result.settings.energy:g} (%)"),
@@ -210,8 +215,7 @@ def trajectory_ranks(result: Trajectory, *, context: str = "") -> go.Figure:
                                  hovertemplate="step %{customdata}: %{y:.1f}%<extra>" + label + "</extra>"),
                       row=1, col=2)
     fig.update_xaxes(**axis)
-    fig.update_yaxes(title_text="% of the full rank", row=1, col=1)
-    fig.update_yaxes(range=[0, 102], row=1, col=2)
+    fig.update_yaxes(range=[0, 102], title_text="% of the full rank")  # one scale: the two truths side by side
     sub = context or f"{result.folder} · {len(result.checkpoints)} checkpoints · {settings_line(result.settings)}"
     return _layout(fig, "Signal rank against energy rank over training", sub, height=520,
                    legend=dict(title_text="role (matrices)"), margin=dict(t=120))

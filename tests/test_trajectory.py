@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
 from spectral import cli
+from spectral import trajectory as trajectory_module
 from spectral.analysis import Settings
 from spectral.checkpoint import DEMO_DIR, CheckpointError
 from spectral.compare_figures import trajectory_metric, trajectory_ranks
@@ -135,16 +136,19 @@ def test_json_contract_and_roles(tmp_path):
     assert roles["mlp_up"].full_rank == [96, 96, 96]
 
 
-def test_a_rerun_comes_from_the_cache_and_a_changed_file_is_read_again(tmp_path):
+def test_a_rerun_comes_from_the_cache_and_a_changed_file_is_read_again(tmp_path, monkeypatch):
     run = write_run(tmp_path / "run")
     clear_cache()
+    opened = []
+    real = trajectory_module.load_checkpoint
+    monkeypatch.setattr(trajectory_module, "load_checkpoint", lambda path: opened.append(path) or real(path))
     cold = trajectory(run)
+    assert len(opened) == 4
     warm = trajectory(run)
-    assert warm.to_dict() == cold.to_dict()
-    assert warm.seconds < max(0.05, cold.seconds / 5)
-    save_file(growing(400, seed=9), str(run / "model-step400.safetensors"))  # the file changes on disk
+    assert warm.to_dict() == cold.to_dict() and len(opened) == 4  # nothing opened (nor hashed) again
+    save_file(growing(400, seed=9), str(run / "model-step400.safetensors"))  # one file changes on disk
     changed = trajectory(run)
-    assert changed.matrices[0].sigma[-1] != cold.matrices[0].sigma[-1]
+    assert len(opened) == 5 and changed.matrices[0].sigma[-1] != cold.matrices[0].sigma[-1]
 
 
 def test_a_server_run_reads_nothing_outside_the_server_folder(tmp_path):
@@ -164,7 +168,7 @@ def test_figures_one_line_per_role_and_per_matrix(tmp_path):
     result = trajectory(write_run(tmp_path / "run", steps=(0, 3, 30, 400)))
     fig = trajectory_ranks(result)
     assert len(fig.data) == 2 * len(result.by_role())  # signal rank and energy rank for each role
-    assert fig.layout.xaxis.type == "log" and "0" in fig.layout.xaxis.ticktext  # 3 .. 400: two decades, and 0
+    assert fig.layout.xaxis.type == "log" and "0" in fig.layout.xaxis.ticktext  # 3 .. 400: LOG_STEPS apart, and 0
     assert trajectory_ranks(trajectory(write_run(tmp_path / "lin", steps=(0, 100, 200)))).layout.xaxis.type == "linear"
     by_matrix = trajectory_metric(result, "n_signal", by="matrix")
     assert [list(t.y) for t in by_matrix.data] == [m.n_signal for m in result.matrices]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from spectral.analysis import Settings
 from spectral.commands.common import StderrProgress, UsageError, probability, write_text
+from spectral.compare_figures import trajectory_ranks
 from spectral.distributed import DistributedError
+from spectral.figures import FigureExportError, figure_to_image
 from spectral.noise import ESTIMATORS
 from spectral.trajectory import Trajectory, summary_rows, trajectory
 
@@ -24,6 +27,8 @@ def register(sub) -> None:
                                                     "('local' starts a throwaway one on this machine)")
     p.add_argument("--json", metavar="PATH", help="write the JSON here (default: stdout)")
     p.add_argument("--table", action="store_true", help="print signal and energy rank per role and step to stdout")
+    p.add_argument("--figure", metavar="PATH", help="also draw signal rank against energy rank over training as an "
+                                                    "image (.png, .svg or .pdf; needs Chromium for kaleido)")
     p.set_defaults(run=run)
 
 
@@ -47,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    if args.figure:
+        fmt = Path(args.figure).suffix.lstrip(".").lower() or "png"
+        try:
+            Path(args.figure).write_bytes(figure_to_image(trajectory_ranks(result), fmt, width=1200, height=560))
+        except FigureExportError as exc:
+            raise UsageError(str(exc)) from None
     if args.json not in (None, "-"):
         write_text(args.json, result.to_json())
     if args.table or args.json not in (None, "-"):
