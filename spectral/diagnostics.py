@@ -90,11 +90,13 @@ def entry_statistics(matrix: torch.Tensor | np.ndarray, chunk_elements: int = 1 
     col_sum = torch.zeros(cols, dtype=torch.float64)
     raw = torch.zeros(4, dtype=torch.float64)  # Σx, Σx², Σx³, Σx⁴
     for start in range(0, rows, step):
-        x = w[start:start + step].to(device="cpu", dtype=torch.float64)
+        x = w[start:start + step].to(device="cpu", dtype=torch.float64).reshape(-1)
         x2 = x * x
-        row_ms[start:start + step] = x2.mean(dim=1)
-        col_sum += x2.sum(dim=0)
-        raw += torch.stack([x.sum(), x2.sum(), (x2 * x).sum(), (x2 * x2).sum()])
+        block = x2.view(-1, cols)
+        row_sums = block.sum(dim=1)
+        row_ms[start:start + step] = row_sums / cols
+        col_sum += block.sum(dim=0)
+        raw += torch.stack([x.sum(), row_sums.sum(), torch.dot(x2, x), torch.dot(x2, x2)])  # dots: no temporaries
     n = float(rows * cols)
     m1, m2, m3, m4 = (float(v) / n for v in raw)
     col_ms = col_sum / rows
