@@ -10,7 +10,9 @@
 
 `trajectory(folder, settings)` maps spectra over checkpoint × matrix: on the local workspace, or on a Ray cluster
 (spectral/distributed.py's `RayMap.spectra_many`) when an address is given. Spectra are kept per process, keyed
-by each file's path, size and modification time, so a re-run (or new settings) is arithmetic only; no disk cache.
+by each file's path, size and modification time, so a re-run (or new settings) is arithmetic only, and on disk
+(spectral/cache.py, by checkpoint sha256 and matrix name; `SPECTRA_CACHE=off` disables it), so a new process only
+hashes the files.
 Matrices are matched across checkpoints by name, as spectral/compare.py matches two checkpoints.
 """
 from __future__ import annotations
@@ -25,9 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from spectral.analysis import MatrixReport, Settings, Spectrum, analyze_spectrum
+from spectral.cache import DiskCache, default_cache
 from spectral.checkpoint import WEIGHT_SUFFIXES, Checkpoint, CheckpointError, load_checkpoint, open_in_folder
 from spectral.compare import normalised
+from spectral.diagnostics import EntryStats
 from spectral.distributed import Job, RayMap
 from spectral.library import file_stamp
 from spectral.matrices import MatrixInfo
@@ -328,27 +334,69 @@ def _discover(folder, root=None) -> tuple[list[tuple[TrajectoryPoint, tuple, _En
     return points, notes
 
 
+# ---------------------------------------------------------------------------------------------- on disk
+
+CACHE_KIND = "spectrum-v1"  # singular values and entry statistics of the MP null (what `Workspace.spectra` computes)
+_ENTRY_FIELDS = ("mean_square", "row_cv", "col_cv", "row_spread", "col_spread", "excess_kurtosis")
+
+
+def _save_spectra(cache: DiskCache, sha256: str, spectra: dict[str, Spectrum]) -> None:
+    for name, sp in spectra.items():
+        tensors = {"singular_values": torch.from_numpy(sp.singular_values.astype("float64"))}
+        if sp.entries is not None:
+            tensors["entries"] = torch.tensor([getattr(sp.entries, f) for f in _ENTRY_FIELDS], dtype=torch.float64)
+        cache.save(sha256, name, CACHE_KIND, tensors)
+
+
+def _load_spectra(cache: DiskCache, sha256: str, infos: list[MatrixInfo]) -> dict[str, Spectrum] | None:
+    """Every matrix's spectrum from the disk cache, or None unless all are there."""
+    found = {}
+    for info in infos:
+        tensors = cache.load(sha256, info.name, CACHE_KIND)
+        if tensors is None or "singular_values" not in tensors:
+            return None
+        s = tensors["singular_values"].numpy()
+        if s.shape != (min(info.shape),):
+            return None
+        entries = None
+        if "entries" in tensors:
+            entries = EntryStats(info.shape[0], info.shape[1], *(float(v) for v in tensors["entries"].tolist()))
+        found[info.name] = Spectrum(info.name, tuple(info.shape), info.role, tuple(info.tied_with), s,
+                                    entries=entries)
+    return found
+
+
 # --------------------------------------------------------------------------------------------------- the map
 
 def _rows(entry: _Entry, settings: Settings) -> list[MatrixReport]:
-    """The analysis rows of one checkpoint at these settings (the workspace's cache, or the Ray map's spectra)."""
-    if entry.workspace is not None:
-        return entry.workspace.analyze(settings).matrices
-    if settings.null != "mp":
-        raise ValueError(f"the {settings.null} null needs the weights; spectra from a Ray map give the MP null only")
-    return [analyze_spectrum(entry.spectra[info.name], settings) for info in entry.infos if info.name in entry.spectra]
+    """The analysis rows of one checkpoint at these settings: from spectra kept as such (a Ray map, the disk cache)
+    under the MP null, else from the workspace (which computes what another null needs)."""
+    if entry.spectra is not None and (settings.null == "mp" or entry.workspace is None):
+        if settings.null != "mp":
+            raise ValueError(f"the {settings.null} null needs the weights; spectra from a Ray map give the MP null "
+                             "only")
+        return [analyze_spectrum(entry.spectra[i.name], settings) for i in entry.infos if i.name in entry.spectra]
+    return entry.workspace.analyze(settings).matrices
 
 
 def _local_spectra(points, progress: Progress | None) -> None:
+    """Spectra of each checkpoint in its workspace: from the disk cache when all are there (the entry then keeps
+    them as a Ray map's would be kept), else computed and written there."""
+    cache = default_cache()
     total = sum(len(entry.infos) for _, _, entry in points)
     done = 0
     for point, _, entry in points:
         ws = entry.workspace
-
-        def within(i: int, n: int, label: str, base=done, step=point.step) -> None:
-            if progress and label:
-                progress(base + i, total, f"step {step}: {label}")
-        ws.spectra(within)
+        loaded = _load_spectra(cache, entry.sha256, entry.infos) if cache is not None else None
+        if loaded is not None:
+            entry.spectra = loaded
+        else:
+            def within(i: int, n: int, label: str, base=done, step=point.step) -> None:
+                if progress and label:
+                    progress(base + i, total, f"step {step}: {label}")
+            spectra = ws.spectra(within)
+            if cache is not None:
+                _save_spectra(cache, entry.sha256, spectra)
         done += len(entry.infos)
     if progress and total:
         progress(total, total, "")
@@ -362,11 +410,14 @@ def _ray_spectra(points, address: str, progress: Progress | None) -> str:
         where = ray_map.describe()
         if todo:
             found = ray_map.spectra_many([Job(entry.workspace.checkpoint) for _, entry in todo], progress)
+            cache = default_cache()
             for (stamp, entry), results in zip(todo, found):
                 entry.spectra = {n: r for n, r in results.items() if isinstance(r, Spectrum)}
                 entry.skipped = {n: r for n, r in results.items() if isinstance(r, str)}
                 entry.workspace = None  # rows now come from the cluster's spectra
                 _remember(stamp, entry)
+                if cache is not None:
+                    _save_spectra(cache, entry.sha256, entry.spectra)
     return where
 
 
@@ -386,7 +437,7 @@ def trajectory(folder, settings: Settings = Settings(), *, ray: str | None = Non
             raise ValueError(f"--ray maps MP spectra; the {settings.null} null runs locally only")
         where = _ray_spectra(points, ray, progress)
     else:  # entries without a workspace hold spectra from an earlier Ray run: their rows come from those
-        _local_spectra([p for p in points if p[2].workspace is not None], progress)
+        _local_spectra([p for p in points if p[2].workspace is not None and p[2].spectra is None], progress)
     series: dict[str, MatrixSeries] = {}
     alias: dict[str, str] = {}
     for point, _, entry in points:

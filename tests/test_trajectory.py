@@ -32,6 +32,13 @@ registered = pytest.mark.skipif(not any(m.__name__ == "spectral.commands.traject
 shipped = pytest.mark.skipif(not DEMO_RUN.is_dir(), reason="the demo's trajectory (models/demo/trajectory) is missing")
 
 
+@pytest.fixture(autouse=True)
+def private_disk_cache(tmp_path, monkeypatch):
+    """Each test its own disk cache (spectral/cache.py), and nothing kept in memory from another test."""
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path / "cache"))
+    clear_cache()
+
+
 def growing(step: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A 'training' state: noise plus spikes that grow with the step (none at step 0), like signal leaving the bulk."""
     strengths = [0.5 * step / 100 * k for k in (2.0, 3.0, 4.0)] if step else []
@@ -149,6 +156,20 @@ def test_a_rerun_comes_from_the_cache_and_a_changed_file_is_read_again(tmp_path,
     save_file(growing(400, seed=9), str(run / "model-step400.safetensors"))  # one file changes on disk
     changed = trajectory(run)
     assert len(opened) == 5 and changed.matrices[0].sigma[-1] != cold.matrices[0].sigma[-1]
+
+
+def test_a_new_process_reads_the_spectra_from_the_disk_cache(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run")
+    first = trajectory(run, Settings(confidence=0.9))
+    clear_cache()  # as a new process would start
+    computed = []
+    real = Workspace.spectra
+    monkeypatch.setattr(Workspace, "spectra", lambda self, *a, **k: computed.append(1) or real(self, *a, **k))
+    again = trajectory(run, Settings(confidence=0.9))
+    assert computed == [] and again.to_dict() == first.to_dict()
+    monkeypatch.setenv("SPECTRA_CACHE", "off")
+    clear_cache()
+    assert trajectory(run, Settings(confidence=0.9)).to_dict() == first.to_dict() and computed  # computed again
 
 
 def test_a_server_run_reads_nothing_outside_the_server_folder(tmp_path):
