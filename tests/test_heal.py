@@ -488,6 +488,6 @@ def test_stop_ends_a_running_heal_with_a_last_evaluation(tiny_path):
     at.button(key="heal_start").click().run()
     at.button(key="heal_stop").click().run()
     job = wait_for_job(at)
-    assert job.result.stopped and 0 < job.result.steps < 5000
+    assert job.result.stopped and job.result.steps < 5000  # stopped long before the end (at once, if it was quick)
     assert job.curve[-1].step == job.result.steps
     assert not at.exception, [e.value for e in at.exception]
