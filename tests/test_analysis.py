@@ -50,7 +50,7 @@ def test_t5_top_z_scores_match_rmt_md(t5_spiked):
 
 def test_edge_upper_is_the_tw_threshold_in_singular_value_units(t5_spiked):
     report = analyze_spectrum(t5_spiked, Settings(confidence=0.9))
-    N, M = 4000, 1000
+    N = 4000
     # RMT.md T2: γ₊(0.90) = 2.253865 σ̂² at 1000×4000 (σ = 1)
     expected = math.sqrt(N * 2.253865 * report.sigma**2)
     assert report.edge_upper == pytest.approx(expected, rel=1e-5)
@@ -118,3 +118,50 @@ def test_settings_reject_nonsense():
         Settings(estimator="magic")
     with pytest.raises(ValueError, match="confidence"):
         Settings(confidence=1.0)
+
+
+def test_rows_carry_the_null_and_its_diagnostics():
+    report = analyze_spectrum(spectrum_of(spiked(1000, 4000, seed=2)))
+    d = report.to_dict()
+    assert d["null"] == "mp" and d["null_ok"] is True
+    assert "z_scores" not in d and "p_values" not in d
+    # pure noise: at most a TW fluctuation outside the fitted bulk, and the whole spectrum fits as well as the bulk
+    assert d["frac_above"] <= 0.002 and d["frac_below"] <= 0.002
+    assert d["ks_whole"] < 0.01
+    assert d["row_spread"] is None  # no entry statistics without W (Spectrum built from singular values only)
+
+
+def test_other_nulls_need_their_spectra():
+    spectrum = spectrum_of(spiked(100, 300, seed=1))
+    with pytest.raises(ValueError, match="biwhitened_spectrum"):
+        analyze_spectrum(spectrum, Settings(null="biwhitened"))
+    with pytest.raises(ValueError, match="permutation_null"):
+        analyze_spectrum(spectrum, Settings(null="permutation"))
+    with pytest.raises(ValueError, match="null"):
+        Settings(null="bootstrap")
+
+
+def test_role_table_names_the_null_and_counts_matrices_it_does_not_fit():
+    from spectral.analysis import Analysis, role_table
+    from spectral.matrices import MatrixInfo
+    from spectral.workspace import matrix_spectrum
+
+    rng = np.random.default_rng(3)
+    heavy = torch.from_numpy(rng.standard_t(3, (200, 400)))
+    clean = torch.from_numpy(spiked(200, 400, seed=3))
+    rows = [analyze_spectrum(matrix_spectrum(w, MatrixInfo(name, (200, 400), "mlp_up")))
+            for name, w in (("a", heavy), ("b", clean))]
+    [row] = role_table(Analysis({}, Settings(), rows, {}))
+    assert row["null"] == "mp" and row["null_failed"] == 1 and row["matrices"] == 2
+
+
+def test_broadening_is_flagged_when_it_disagrees_with_bema_and_the_median():
+    # the demo's tied embedding (2048×128): the trimmed broadening fit lands far below BEMA and the median
+    from spectral.workspace import Workspace
+
+    spectrum = Workspace.open("demo").spectra()["tok_emb.weight"]
+    report = analyze_spectrum(spectrum, Settings(estimator="broadening"))
+    assert any(w.startswith("broadening disagrees") for w in report.warnings)
+    assert not any(w.startswith("broadening disagrees") for w in analyze_spectrum(spectrum).warnings)
+    noise = analyze_spectrum(spectrum_of(spiked(300, 900, [3.0], seed=4)), Settings(estimator="broadening"))
+    assert not any(w.startswith("broadening disagrees") for w in noise.warnings)
