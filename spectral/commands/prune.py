@@ -18,6 +18,7 @@ from spectral.commands.common import StderrProgress, UsageError, add_checkpoint_
 from spectral.evaluation import DEFAULT_POSITIONS, EvaluationError
 from spectral.heal import DEFAULT_LR, HEAL_MODES, HEAL_TRAIN, HealConfig, HealError, heal, save_healed
 from spectral.noise import ESTIMATORS
+from spectral.nulls import NULLS
 from spectral.pruning import DEFAULT_VALUES, PRECISIONS, SCOPES, STRATEGIES, PlanError, Strategy
 from spectral.runtime import BatchSpec, ModelRuntime
 from spectral.whatif import REFERENCE, Choice, WhatIfSession
@@ -47,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("--save", metavar="PATH", help="write the cut model as a .safetensors file")
     p.add_argument("--estimator", choices=list(ESTIMATORS), default="bema",
                    help="noise σ estimator behind the mp z-scores (default bema)")
+    p.add_argument("--null", choices=list(NULLS), default="mp",
+                   help="what the mp strategy's z-scores are measured against (default mp, RMT.md §11)")
     p.add_argument("--positions", type=int, default=DEFAULT_POSITIONS,
                    help=f"predicted positions in the evaluation batch (default {DEFAULT_POSITIONS})")
     p.add_argument("--seed", type=int, default=0, help="seed of sampled evaluation sequences (default 0)")
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     heal_config = heal_config_of(args)
     choice = Choice(args.strategy, args.value, args.scope, args.precision,
                     tuple(parse_override(o) for o in args.override))
-    settings = Settings(estimator=args.estimator)
+    settings = Settings(estimator=args.estimator, null=args.null)
     session = open_session(args)
     if args.reference:
         if heal_config is not None:
