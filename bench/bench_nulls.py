@@ -83,23 +83,28 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def rates(seeds: int, shuffles: int, jobs: int) -> None:
-    print(f"\n## P(n_signal > 0) at c = 0.99 and null_ok, {seeds} seeds per case, permutation with {shuffles} shuffles")
-    print("(planted spikes: the share of seeds where all three are found; `flagged` = null_ok false)\n")
+def rates(seeds: int, perm_seeds: int, shuffles: int, jobs: int) -> None:
+    print(f"\n## P(n_signal > 0) at c = 0.99 and null_ok; permutation with {shuffles} shuffles per matrix")
+    print("(planted spikes: the share of seeds where all three are found; `flagged` = null_ok false; seeds per cell "
+          "in brackets: the permutation null gets all seeds on its own target, the Student-t cases, and "
+          f"{perm_seeds} elsewhere)\n")
     print("| case | shape | mp | mp flagged | biwhitened | biwhitened flagged | permutation | permutation flagged |")
     print("|---|---|---|---|---|---|---|---|")
     with ProcessPoolExecutor(jobs, initializer=_worker_init) as pool:
         for label, (kind, rows, cols) in CASES.items():
             start = time.perf_counter()
+            n_perm = seeds if kind.startswith("t") else min(seeds, perm_seeds)
+            plan = [(seed, NULLS if seed < n_perm else ("mp", "biwhitened")) for seed in range(seeds)]
             results = list(pool.map(one_matrix, [kind] * seeds, [rows] * seeds, [cols] * seeds,
-                                    range(seeds), [shuffles] * seeds))
+                                    [seed for seed, _ in plan], [shuffles] * seeds, [nulls for _, nulls in plan]))
             cells = []
             for null in NULLS:
-                counts = np.array([r[null][0] for r in results])
-                flagged = np.mean([not r[null][1] for r in results])
+                got = [r[null] for r in results if null in r]
+                counts = np.array([n for n, _ in got])
+                flagged = np.mean([not ok for _, ok in got])
                 rate = np.mean(counts >= 3) if kind == "spikes" else np.mean(counts > 0)
                 what = "found all 3" if kind == "spikes" else f"mean n {counts.mean():.1f}"
-                cells += [f"{rate:.1%} ({what})", f"{flagged:.0%}"]
+                cells += [f"{rate:.1%} ({what}) [{len(got)}]", f"{flagged:.0%}"]
             print(f"| {label} | {rows}×{cols} | " + " | ".join(cells) + f" |  <!-- {time.perf_counter() - start:.0f} s -->",
                   flush=True)
 
@@ -211,6 +216,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["rates", "cost", "bema", "calibrate"])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seeds", type=int, help="seeds per rate case (default 100, quick 20)")
+    parser.add_argument("--perm-seeds", type=int, default=20,
+                        help="seeds of the permutation null outside its Student-t target cases (default 20)")
     parser.add_argument("--shuffles", type=int, default=None, help="permutation shuffles (default the engine's)")
     args = parser.parse_args()
     from spectral.nulls import DEFAULT_SHUFFLES
@@ -225,7 +232,7 @@ def main() -> None:
     if args.only in (None, "calibrate"):
         calibrate(50 if args.quick else 200, args.jobs)
     if args.only in (None, "rates"):
-        rates(seeds, shuffles, args.jobs)
+        rates(seeds, min(args.perm_seeds, seeds), shuffles, args.jobs)
 
 
 if __name__ == "__main__":

@@ -164,13 +164,21 @@ def _tw_fit(values: np.ndarray, *, upper: bool) -> tuple[float, float]:
     return location, scale
 
 
+THREADED_EIG_MIN = 1024  # from this short side up, a shuffle's eigenproblem runs in torch on every core
+
+
 def _gram_eigenvalues(w: torch.Tensor) -> np.ndarray:
     """s_i² of a float64 matrix, descending, from the M×M Gram (RMT.md §8). The Gram product runs in torch (all
-    cores); the small symmetric eigenproblem in numpy's LAPACK on one thread, which stays fast when other
-    processes load the machine (torch's threaded eigvalsh of a 768×768 Gram was seen 300× slower under load)."""
+    cores); an eigenproblem below THREADED_EIG_MIN in numpy's LAPACK on one thread, which stays fast when other
+    processes load the machine (torch's two-thread eigvalsh of a 768×768 Gram was seen 20× slower than numpy's
+    under load), a bigger one in torch, where the threads pay."""
     rows, cols = w.shape
-    gram = (w @ w.T if rows <= cols else w.T @ w).numpy()
-    return np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None)
+    gram = w @ w.T if rows <= cols else w.T @ w
+    if gram.shape[0] >= THREADED_EIG_MIN:
+        eig = torch.linalg.eigvalsh(gram).numpy()
+    else:
+        eig = np.linalg.eigvalsh(gram.numpy())
+    return np.clip(eig[::-1], 0.0, None)
 
 
 def permutation_null(matrix: torch.Tensor, singular_values: np.ndarray, *, shuffles: int = DEFAULT_SHUFFLES,
