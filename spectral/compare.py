@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from spectral.analysis import MatrixReport, Settings, Spectrum, analyze_spectrum
@@ -294,9 +295,11 @@ def top_singular_vectors(matrix: torch.Tensor, k: int) -> tuple[np.ndarray, np.n
         return np.zeros((rows, 0)), np.zeros((cols, 0))
     wide = rows <= cols
     gram = w @ w.T if wide else w.T @ w
-    values, vectors = torch.linalg.eigh(gram)
-    top = vectors[:, -k:].flip(1).double()  # descending
-    s = values[-k:].flip(0).double().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    m = gram.shape[0]
+    # only the top k eigenpairs (LAPACK ?syevx: one tridiagonalisation, k vectors), ascending
+    values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[m - k, m - 1], driver="evx")
+    top = torch.from_numpy(vectors[:, ::-1].copy()).double()  # descending (a copy: torch refuses negative strides)
+    s = torch.from_numpy(values[::-1].copy()).double().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
     other = (w.T.double() @ top if wide else w.double() @ top) / s
     other /= torch.linalg.vector_norm(other, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
     left, right = (top, other) if wide else (other, top)
