@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from streamlit.testing.v1 import AppTest
 
 from spectral import cli
 from spectral.checkpoint import CheckpointError, load_checkpoint
@@ -160,3 +161,20 @@ def test_cli_compares_a_base_with_an_adapter_folder(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "spectral", "compare", str(base_path), str(adapter_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode == 3 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_compare_page_merges_an_uploaded_adapter_onto_a(tmp_path, monkeypatch):
+    base_path, adapter_path, _ = build(tmp_path / "models", "gpt2", CASES["gpt2 conv1d"][1])
+    monkeypatch.setenv("SPECTRA_MODELS", str(tmp_path / "models"))
+    at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=240).run()
+    at.segmented_control(key="cmp_A_source").set_value("Server folder").run()
+    at.selectbox(key="cmp_A_server").set_value("base/").run()
+    at.segmented_control(key="cmp_B_source").set_value("Upload").run()
+    at.file_uploader(key="cmp_B_upload").set_value([
+        (name, (adapter_path / name).read_bytes(), "application/octet-stream")
+        for name in ("adapter_config.json", "adapter_model.safetensors")]).run()
+    assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Changed"] == "6" and metrics["Low-rank updates"] == "6"  # rank-4 updates of 6 adapted matrices
+    table = at.dataframe[0].value
+    assert sorted(table["LoRA rank"].dropna().astype(int).tolist()) == [4] * 6
