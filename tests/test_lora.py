@@ -164,7 +164,7 @@ def test_cli_compares_a_base_with_an_adapter_folder(tmp_path):
 
 
 def test_compare_page_merges_an_uploaded_adapter_onto_a(tmp_path, monkeypatch):
-    base_path, adapter_path, _ = build(tmp_path / "models", "gpt2", CASES["gpt2 conv1d"][1])
+    _, adapter_path, _ = build(tmp_path / "models", "gpt2", CASES["gpt2 conv1d"][1])
     monkeypatch.setenv("SPECTRA_MODELS", str(tmp_path / "models"))
     at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=240).run()
     at.segmented_control(key="cmp_A_source").set_value("Server folder").run()
