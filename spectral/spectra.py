@@ -17,12 +17,17 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 GRAM_SAFE_RATIO = 1e-5  # below this s_min/s_max the Gram route loses digits: fall back to the SVD
 GRAM_BLOCK_BYTES = 32 << 20  # float64 bytes of W converted at a time while the Gram matrix is summed
 PROGRESS_SECONDS = 1.0  # on big matrices, `progress` is called at least this often (when the work allows)
 EIG_WORK = 4.0  # the eigensolver's cost in units of one Gram multiply-add per M³ (measured: dsyevd ≈ 3.7 M³)
-EIG_BESIDE_MIN = 1024  # from this short side up, the eigensolver runs in a thread while progress keeps moving
+EIG_BESIDE_MIN = 128  # from this short side up, the eigensolver runs in its own thread (progress keeps moving)
+# OpenMP threads of that eigensolver. LAPACK's tridiagonal reduction is memory-bound and synchronises its threads at
+# every step: on the 2-core machine one thread took 2.2 s for M = 4096 where torch's two took 9.2 s, and 16 ms for
+# M = 512 where two took 6.8 s (other work running: a waiting thread spins through the other's time slices).
+EIG_THREADS = 1
 
 Progress = Callable[[float], None]  # the fraction of this matrix's work done, 0 to 1
 
@@ -96,15 +101,17 @@ def _gram(w: torch.Tensor, done: Callable[[float], None]) -> torch.Tensor:
 
 def _eigvalsh(gram: torch.Tensor, report: Callable[[float], None] | None,
               fraction: Callable[[float], float]) -> torch.Tensor:
-    """Ascending eigenvalues of the symmetric Gram matrix. LAPACK reports nothing while it works, so for a big one
-    it runs in a thread (torch releases the GIL) and this thread keeps `report` moving with `fraction(elapsed)`."""
-    if report is None or gram.shape[0] < EIG_BESIDE_MIN:
+    """Ascending eigenvalues of the symmetric Gram matrix. From EIG_BESIDE_MIN up, LAPACK runs in a thread of its own
+    with EIG_THREADS OpenMP threads (an OpenMP limit set in a thread binds that thread only; torch releases the GIL),
+    and this thread keeps `report` moving with `fraction(elapsed)`, since LAPACK reports nothing while it works."""
+    if gram.shape[0] < EIG_BESIDE_MIN:
         return torch.linalg.eigvalsh(gram)
     result: dict[str, object] = {}
 
     def work() -> None:
         try:
-            result["values"] = torch.linalg.eigvalsh(gram)
+            with _openmp().limit(limits=EIG_THREADS, user_api="openmp"):
+                result["values"] = torch.linalg.eigvalsh(gram)
         except BaseException as error:  # noqa: BLE001 - handed to the calling thread, raised there
             result["error"] = error
 
@@ -113,11 +120,23 @@ def _eigvalsh(gram: torch.Tensor, report: Callable[[float], None] | None,
     worker.start()
     while worker.is_alive():
         worker.join(PROGRESS_SECONDS)
-        if worker.is_alive():
+        if worker.is_alive() and report is not None:
             report(fraction(time.perf_counter() - start), force=True)
     if "error" in result:
         raise result["error"]
     return result["values"]
+
+
+_CONTROLLER: list[ThreadpoolController] = []
+_CONTROLLER_LOCK = threading.Lock()
+
+
+def _openmp() -> ThreadpoolController:
+    """threadpoolctl's view of the loaded thread pools, found once (finding them scans the loaded libraries)."""
+    with _CONTROLLER_LOCK:
+        if not _CONTROLLER:
+            _CONTROLLER.append(ThreadpoolController())
+        return _CONTROLLER[0]
 
 
 class _Reporter:

@@ -124,3 +124,20 @@ def test_peak_memory_is_the_gram_matrix_not_a_float64_copy_of_w():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     extra = report["peak"] - report["base"]
     assert extra < 100 * 2 ** 20, f"{extra / 2 ** 20:.0f} MiB beyond W"
+
+
+def test_the_eigensolver_runs_with_its_own_openmp_thread_count(monkeypatch):
+    """LAPACK's reduction runs in a thread of its own limited to EIG_THREADS OpenMP threads; the caller's pool is
+    left as it was."""
+    seen = []
+    real = torch.linalg.eigvalsh
+
+    def spy(gram):
+        seen.append([lib["num_threads"] for lib in spectra._openmp().info() if lib["user_api"] == "openmp"])
+        return real(gram)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", spy)
+    before = [lib["num_threads"] for lib in spectra._openmp().info() if lib["user_api"] == "openmp"]
+    singular_values(torch.randn(256, 512))
+    assert seen and seen[0] and all(n == spectra.EIG_THREADS for n in seen[0])
+    assert [lib["num_threads"] for lib in spectra._openmp().info() if lib["user_api"] == "openmp"] == before
