@@ -40,9 +40,10 @@ __all__ = [
 
 NULLS = ("mp", "biwhitened", "permutation")
 # Shuffles of the permutation null. With B shuffles the fitted 99% edge behaves like a prediction bound from B
-# draws: simulated false-positive rate at c = 0.99 about 1% for B = 32 (bench/bench_nulls.py); each shuffle costs one
-# permutation of the entries and one Gram eigendecomposition (768×3072: ~0.1 s, against ~1.8 s for one float64
-# torch.linalg.svdvals of it).
+# draws (for normal maxima P(exceed) = P(t_{B−1} > 2.55/sqrt(1 + 1/B)) ≈ 0.9% at B = 32, 1.3% at B = 16); the
+# simulated rates are in bench/bench_nulls.py. Each shuffle costs one permutation of the entries and one Gram
+# eigendecomposition: 32 shuffles of a 768×3072 matrix took 7.6 s on 2 busy cores, 2.5× one float64
+# torch.linalg.svdvals of it (3.1 s) and 55× the Gram-route singular values the analysis uses.
 DEFAULT_SHUFFLES = 32
 SINKHORN_TOL = 1e-6  # stop when every row and column mean square is within this relative distance of the target
 SINKHORN_MAX_ITER = 1000
@@ -55,8 +56,8 @@ Fraction = Callable[[float], None]
 def sinkhorn_scaling(matrix: torch.Tensor, *, tol: float = SINKHORN_TOL, max_iter: int = SINKHORN_MAX_ITER
                      ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """(d₁, d₂, iterations, converged): positive scalings with D₁WD₂ having every row and column mean square equal to
-    W's overall mean square ‖W‖_F²/(mn). Sinkhorn-Knopp on A = W∘W (Landa, Zhang & Kluger 2022, Algorithm 1 with the
-    entry squares as the variance estimate): x ← r/(Ay), y ← c/(Aᵀx), d₁ = √x, d₂ = √y. Rows or columns that are
+    W's overall mean square ‖W‖_F²/(mn). Sinkhorn-Knopp on A = W∘W (Landa, Zhang & Kluger 2022, with the entry
+    squares as the variance estimate): x ← r/(Ay), y ← c/(Aᵀx), d₁ = √x, d₂ = √y. Rows or columns that are
     entirely zero get scale 0 and are left out of the targets."""
     w = matrix.detach().to(device="cpu", dtype=torch.float64)
     rows, cols = w.shape
