@@ -567,8 +567,9 @@ def _config_differences(a: Checkpoint, b: Checkpoint) -> list[str]:
     ca, cb = a.config or {}, b.config or {}
     if not ca or not cb:
         return []
-    return [f"{key}: {ca.get(key)!r} in A, {cb.get(key)!r} in B" for key in sorted(set(ca) | set(cb))
-            if key not in _IGNORED_CONFIG and ca.get(key) != cb.get(key)]
+    # a key only one side records is no conflict: both models were built, with the same parameter shapes
+    return [f"{key}: {ca[key]!r} in A, {cb[key]!r} in B" for key in sorted(set(ca) & set(cb))
+            if key not in _IGNORED_CONFIG and ca[key] != cb[key]]
 
 
 def evaluate_pair(a: ModelRuntime, b: ModelRuntime, spec: BatchSpec = BatchSpec(),

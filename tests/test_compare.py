@@ -314,6 +314,10 @@ def test_b_against_a_refuses_another_architecture(tmp_path):
                                                                          n_head=2, block_size=32))
     with pytest.raises(CompareError, match="architectures differ|configs differ"):
         evaluate_pair(*pair_runtimes(a, wide))
+    heads = save_tiny_gpt(tmp_path / "heads.safetensors", config=GPTConfig(vocab_size=64, n_layer=2, n_embd=32,
+                                                                           n_head=4, block_size=32))
+    with pytest.raises(CompareError, match="n_head: 2 in A, 4 in B"):  # same shapes, another attention
+        evaluate_pair(*pair_runtimes(a, heads))
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

@@ -20,7 +20,9 @@ from spectral import cli
 from spectral import trajectory as trajectory_module
 from spectral.analysis import Settings
 from spectral.checkpoint import DEMO_DIR, CheckpointError
+from spectral.compare import compare, evaluate_pair, pair_runtimes
 from spectral.compare_figures import trajectory_metric, trajectory_ranks
+from spectral.runtime import BatchSpec
 from spectral.trajectory import clear_cache, find_checkpoints, run_folders, step_from_name, trajectory
 from spectral.workspace import Workspace
 from tests.rmt_oracles import spiked
@@ -243,6 +245,18 @@ def test_the_shipped_demo_run_leaves_the_mp_bulk_as_it_trains():
         assert role.n_signal[-1] > 0
         assert role.energy_pct[-1] > 80  # the energy rank stays high while the signal rank grows
     assert {m.name for m in result.matrices} == {i.name for i in Workspace.open("demo").matrices}
+
+
+@shipped
+def test_the_last_snapshot_is_the_demo_in_fp16():
+    """Step 1000 of the replayed run is the bundled demo: the update is at fp16's rounding level (no signal in ΔW),
+    the subspaces do not move, and B in A's model gives A's outputs to a small KL."""
+    last = DEMO_RUN / find_checkpoints(DEMO_RUN)[0][-1].path
+    result = compare("demo", last)
+    assert all(m.delta.n_signal == 0 and m.delta.relative_norm < 1e-3 for m in result.matrices)
+    assert all(max(m.subspace.angles_deg, default=0.0) < 1.0 for m in result.matrices)
+    evaluation = evaluate_pair(*pair_runtimes("demo", last), BatchSpec(positions=512))
+    assert evaluation.metrics.kl < 1e-3 and evaluation.metrics.agreement > 0.95
 
 
 @shipped
