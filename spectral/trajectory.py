@@ -209,8 +209,9 @@ class _Entry:
     summary: dict
     infos: list[MatrixInfo]
     workspace: Workspace | None = None  # local runs: the workspace (other nulls need the weights)
-    spectra: dict[str, Spectrum] | None = None  # from a Ray map
+    spectra: dict[str, Spectrum] | None = None  # from a Ray map or the disk cache
     skipped: dict[str, str] = field(default_factory=dict)
+    rows: dict[Settings, list[MatrixReport]] = field(default_factory=dict)  # analysis rows per settings seen
 
 
 _CACHE: OrderedDict[tuple, _Entry] = OrderedDict()
@@ -369,14 +370,21 @@ def _load_spectra(cache: DiskCache, sha256: str, infos: list[MatrixInfo]) -> dic
 # --------------------------------------------------------------------------------------------------- the map
 
 def _rows(entry: _Entry, settings: Settings) -> list[MatrixReport]:
-    """The analysis rows of one checkpoint at these settings: from spectra kept as such (a Ray map, the disk cache)
-    under the MP null, else from the workspace (which computes what another null needs)."""
+    """The analysis rows of one checkpoint at these settings, kept per settings: from spectra kept as such (a Ray
+    map, the disk cache) under the MP null, else from the workspace (which computes what another null needs)."""
+    if settings in entry.rows:
+        return entry.rows[settings]
     if entry.spectra is not None and (settings.null == "mp" or entry.workspace is None):
         if settings.null != "mp":
             raise ValueError(f"the {settings.null} null needs the weights; spectra from a Ray map give the MP null "
                              "only")
-        return [analyze_spectrum(entry.spectra[i.name], settings) for i in entry.infos if i.name in entry.spectra]
-    return entry.workspace.analyze(settings).matrices
+        rows = [analyze_spectrum(entry.spectra[i.name], settings) for i in entry.infos if i.name in entry.spectra]
+    else:
+        rows = entry.workspace.analyze(settings).matrices
+    entry.rows[settings] = rows
+    while len(entry.rows) > 16:
+        entry.rows.pop(next(iter(entry.rows)))
+    return rows
 
 
 def _local_spectra(points, progress: Progress | None) -> None:
