@@ -26,11 +26,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 import torch
 from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
 
 WHOLE = """
 import sys, time
@@ -104,7 +103,8 @@ def gpt2_pair(folder: Path, d: int, n_layer: int, vocab: int, block: int) -> tup
 
 
 def run(code: str, *args: str, env: dict) -> str:
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
     return proc.stdout
@@ -150,7 +150,8 @@ def main() -> None:
         run_dir = tmp / "run"
         steps = ",".join(str(2 * i) for i in range(20))
         train = subprocess.run([sys.executable, "-m", "models.train_demo", "--snapshots", str(run_dir),
-                                "--snapshot-steps", steps], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+                                "--snapshot-steps", steps], cwd=ROOT, env=env, capture_output=True, text=True,
+                               check=False)
         if train.returncode != 0:
             raise SystemExit(train.stderr[-2000:])
         disk = dict(env, SPECTRA_CACHE=str(tmp / "cache"))  # a fresh disk cache: the first run is cold

@@ -25,7 +25,7 @@ from models.gpt import GPT, GPTConfig
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 HELDOUT_FRACTION = 0.1
-SNAPSHOT_NAME = "step-{:06d}.safetensors"  # the step in the name and in the metadata (spectral/trajectory.py reads both)
+SNAPSHOT_NAME = "step-{:06d}.safetensors"  # the step in the name and the metadata (spectral/trajectory.py reads both)
 
 
 def corpus_text() -> tuple[str, str]:
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         if step % 100 == 0 or last:
             val = heldout_loss(model, heldout_ids, T)
-            print(f"step {step:5d}  train {loss.item():.3f}  held-out {val:.3f}  {time.time() - start:6.0f}s", flush=True)
+            print(f"step {step:5d}  train {loss.item():.3f}  held-out {val:.3f}  {time.time() - start:6.0f}s",
+                  flush=True)
             if val < best:
                 best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
         if last:
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     save_file(tensors, str(args.out / "model.safetensors"),
               metadata={"format": "pt", "architecture": "spectra-demo-gpt", "config": json.dumps(config.to_dict()),
                         "tied": "tok_emb.weight,lm_head.weight"})
-    (args.out / "config.json").write_text(json.dumps({"architecture": "spectra-demo-gpt", **config.to_dict()}, indent=2))
+    (args.out / "config.json").write_text(json.dumps({"architecture": "spectra-demo-gpt", **config.to_dict()},
+                                                     indent=2))
     tok.save(str(args.out / "tokenizer.json"))
     (args.out / "heldout.txt").write_text(heldout_text)
     stats = {"train_tokens": len(train_ids), "heldout_tokens": len(heldout_ids), "parameters": model.n_params(),

@@ -181,8 +181,8 @@ LOG_STEPS = 20  # steps spanning this ratio or more are drawn on a log axis
 
 
 def _step_axis(steps: Sequence[int]) -> tuple[dict, dict[int, float]]:
-    """A log step axis when the positive steps span LOG_STEPS or more (step 0, the initialisation, drawn a third of the way to the
-    first positive step and labelled 0), else a linear one. Returns (axis settings, step -> x)."""
+    """A log step axis when the positive steps span LOG_STEPS or more (step 0, the initialisation, drawn a third of
+    the way to the first positive step and labelled 0), else a linear one. Returns (axis settings, step -> x)."""
     positive = sorted({s for s in steps if s > 0})
     if len(positive) >= 2 and positive[-1] / positive[0] >= LOG_STEPS:
         zero_at = positive[0] / 3

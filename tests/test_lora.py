@@ -30,7 +30,8 @@ registered = pytest.mark.skipif(not any(m.__name__ == "spectral.commands.compare
 
 
 def _randomise_b(model, seed: int) -> None:
-    """PEFT initialises one factor to zero (lora_B; lora_embedding_A for embeddings), so ΔW = 0; trained ones are not."""
+    """PEFT initialises one factor to zero (lora_B; lora_embedding_A for embeddings), so ΔW = 0; trained ones are
+    not."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name or "lora_embedding" in name:

@@ -77,7 +77,8 @@ def pick_checkpoint(side: str, current: Opened | None, options: state.AppOptions
         name = st.selectbox("Server checkpoint", state.server_checkpoints(options), key=f"cmp_{side}_server")
         if name is None:
             return None
-        if side == "B" and Path(name).name in ADAPTER_WEIGHTS and (root / name).parent.joinpath(ADAPTER_CONFIG).is_file():
+        adapter_folder = (root / name).parent
+        if side == "B" and Path(name).name in ADAPTER_WEIGHTS and (adapter_folder / ADAPTER_CONFIG).is_file():
             def adapter() -> Opened | None:
                 weights = open_in_folder(root, name)
                 return _with_adapter(base, weights, weights.side_file(ADAPTER_CONFIG), name)
