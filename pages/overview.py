@@ -8,23 +8,6 @@ from ui.widgets import ask_hyperparameters
 
 options = state.app_options()
 
-
-def _on_upload() -> None:
-    st.session_state.pop(state.LOAD_ERROR, None)  # a new choice replaces the message of the last one
-    if files := st.session_state.get("uploads") or []:
-        state.open_upload({f.name: f.getvalue() for f in files})
-
-
-def _on_gallery_open() -> None:
-    if choice := st.session_state.get("gallery_choice"):
-        state.open_gallery(choice)
-
-
-def _on_server_open() -> None:
-    if choice := st.session_state.get("server_choice"):
-        state.open_server_file(choice, options)
-
-
 st.title("Spectra Explorer")
 st.markdown("Which weight matrices look like noise to random-matrix theory, how much of each matrix's energy is "
             "used, and what breaks if you cut it. Pick a checkpoint, then explore **Spectra**, **Ranks** and "
@@ -33,9 +16,10 @@ st.markdown("Which weight matrices look like noise to random-matrix theory, how 
 load_col, card_col = st.columns([2, 3], gap="large")
 with load_col:
     st.subheader("Checkpoint")
+    upload_key = f"uploads_{st.session_state.get('upload_round', 0)}"
     st.file_uploader(
-        "Upload a checkpoint", type=state.UPLOAD_TYPES, accept_multiple_files=True, key="uploads",
-        on_change=_on_upload,
+        "Upload a checkpoint", type=state.UPLOAD_TYPES, accept_multiple_files=True, key=upload_key,
+        on_change=state.on_upload, args=(upload_key,),
         help="One .safetensors/.pt/.pth/.bin/.gguf file, or a Hugging Face set at once: config.json, the weight "
              "shards (and their index), tokenizer.json. Pickles are read with weights_only=True: code in them never "
              "runs. Larger than the upload limit? Put it in the server folder (streamlit run app.py -- --models DIR).")
@@ -44,7 +28,7 @@ with load_col:
             c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
             c1.selectbox("Or open one from the server folder", entries, key="server_choice",
                          help="Files in the folder given with --models; large files are memory-mapped, not uploaded.")
-            c2.button("Open", on_click=_on_server_open, key="server_open", width="stretch")
+            c2.button("Open", on_click=state.on_server_open, key="server_open", width="stretch")
         else:
             st.caption("The server folder holds no checkpoints.")
     st.button("Open the bundled demo", on_click=state.open_demo, key="open_demo", icon=":material/restart_alt:")
@@ -53,7 +37,7 @@ with load_col:
         g1, g2 = st.columns([3, 1], vertical_alignment="bottom")
         g1.selectbox("Or a real model from the gallery", list(examples), key="gallery_choice",
                      format_func=lambda label: f"{label}: {examples[label].about}")
-        g2.button("Open", on_click=_on_gallery_open, key="gallery_open", width="stretch")
+        g2.button("Open", on_click=state.on_gallery_open, key="gallery_open", width="stretch")
     if error := st.session_state.get(state.LOAD_ERROR):
         st.error(error, icon=":material/error:")
     if notice := st.session_state.pop(state.NOTICE, None):

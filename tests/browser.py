@@ -40,6 +40,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_PIDS: dict[str, int] = {}  # base URL -> the streamlit process serving it
+
+
+def server_rss_mib(url: str) -> float:
+    """Resident memory of the streamlit process serving `url` (VmRSS), in MiB."""
+    status = Path(f"/proc/{SERVER_PIDS[url]}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
 @contextmanager
 def streamlit_server(*app_args: str, port: int | None = None, timeout: float = 90.0, log_path: Path | None = None):
     """`streamlit run app.py` on 127.0.0.1:<free port>; yields the base URL; kills the process group at the end."""
@@ -51,6 +60,7 @@ def streamlit_server(*app_args: str, port: int | None = None, timeout: float = 9
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    SERVER_PIDS[url] = proc.pid
     try:
         deadline = time.monotonic() + timeout
         while True:

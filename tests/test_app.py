@@ -72,7 +72,7 @@ def sidebar_text(at: AppTest) -> str:
 
 
 def upload(at: AppTest, name: str, data: bytes) -> AppTest:
-    at.file_uploader(key="uploads").set_value((name, data, "application/octet-stream"))
+    at.file_uploader[0].set_value((name, data, "application/octet-stream"))
     return at.run()
 
 
@@ -131,7 +131,7 @@ def test_hugging_face_set_uploads_as_several_files_at_once():
     at = new_app().run()
     files = [("config.json", json.dumps(config).encode(), "application/json"),
              ("model.safetensors", tiny_gpt_bytes(seed=4), "application/octet-stream")]
-    at.file_uploader(key="uploads").set_value(files)
+    at.file_uploader[0].set_value(files)
     at.run()
     assert_clean(at)
     assert not [e.value for e in at.error if "demo" not in e.value]

@@ -123,6 +123,31 @@ def open_upload(files: dict[str, bytes]) -> Opened | None:
     return _open(load)
 
 
+# Widget callbacks live here, not in the pages: Streamlit keeps a widget's callback after the run, and a function
+# defined in a page holds that run's globals (the open checkpoint among them) alive with it.
+def on_upload(key: str) -> None:
+    """Open what was just dropped, then give the uploader a new key: a fresh, empty widget, so the next drop is a
+    new choice and Streamlit lets go of these bytes (the opened checkpoint holds its own)."""
+    st.session_state.pop(LOAD_ERROR, None)  # a new choice replaces the message of the last one
+    if files := st.session_state.get(key) or []:
+        open_upload({f.name: f.getvalue() for f in files})
+        st.session_state["upload_round"] = st.session_state.get("upload_round", 0) + 1
+        ctx = get_script_run_ctx()  # Streamlit keeps uploaded bytes for the session's life unless told to drop them
+        if ctx is not None and getattr(ctx, "uploaded_file_mgr", None) is not None:
+            for f in files:
+                ctx.uploaded_file_mgr.remove_file(ctx.session_id, f.file_id)
+
+
+def on_gallery_open() -> None:
+    if choice := st.session_state.get("gallery_choice"):
+        open_gallery(choice)
+
+
+def on_server_open() -> None:
+    if choice := st.session_state.get("server_choice"):
+        open_server_file(choice, app_options())
+
+
 def current() -> Opened | None:
     """This session's checkpoint: the remembered one, reopened if evicted, else the demo (opens with no action)."""
     choice = st.session_state.get(CURRENT)
