@@ -132,6 +132,7 @@ def test_delta_spectrum_is_the_svd_of_the_difference_and_changes_are_b_minus_a()
     assert m.delta.n_signal == 4
 
 
+@pytest.mark.slow
 def test_a_planted_rank_4_update_on_6_of_14_matrices_is_found_over_seeds():
     """The issue's target: ΔW signal rank exactly 4 on the 6 planted matrices and 0 on the other 8 (which get the
     same noise). At the default c = 0.99 a pure-noise ΔW exceeds its TW edge with probability 1% by construction, so
@@ -327,6 +328,7 @@ def run_cli(*args):
                           text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 @registered
 def test_cli_compare_writes_the_json_and_exit_codes(tmp_path):
     a = save_tiny_gpt(tmp_path / "a.safetensors", seed=0)

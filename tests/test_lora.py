@@ -150,6 +150,7 @@ def test_unsupported_or_mismatched_adapters_are_one_line_errors(tmp_path):
         load_adapter(half)
 
 
+@pytest.mark.slow
 @registered
 def test_cli_compares_a_base_with_an_adapter_folder(tmp_path):
     base_path, adapter_path, _ = build(tmp_path, "gpt2", CASES["gpt2 conv1d"][1])

@@ -221,6 +221,7 @@ def run_cli(*args):
                           text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 @registered
 def test_cli_trajectory_json_table_and_exit_codes(tmp_path):
     run = write_run(tmp_path / "run", steps=(0, 400))
