@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -29,7 +28,7 @@ def timed_process(code_or_args: list[str], repeats: int = 1) -> tuple[float, int
     times, peak = [], 0
     for _ in range(repeats):
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, *code_or_args], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, *code_or_args], cwd=ROOT, capture_output=True, text=True, check=False)
         times.append(time.perf_counter() - start)
         if proc.returncode != 0:
             raise RuntimeError(f"{code_or_args[:3]} failed:\n{proc.stderr[-2000:]}")

@@ -192,8 +192,10 @@ class Workspace:
         return {"path": ck.source, "sha256": ck.sha256, "format": ck.format, "n_tensors": ck.n_tensors,
                 "n_params": ck.n_params}
 
-    def analyze(self, settings: Settings = Settings(), progress: Progress | None = None) -> Analysis:
-        """The analysis table at these settings; spectra come from the cache, so only arithmetic is redone."""
+    def analyze(self, settings: Settings | None = None, progress: Progress | None = None) -> Analysis:
+        """The analysis table at these settings (default `Settings()`); spectra come from the cache, so only
+        arithmetic is redone (and, the first time a null other than mp is asked for, that null's spectra)."""
+        settings = settings if settings is not None else Settings()
         with self._lock:
             if settings in self._analyses:
                 self._analyses.move_to_end(settings)
