@@ -2,8 +2,8 @@
 
 With W = U·diag(s)·Vᵀ (m × n, M = min(m, n)) and Q the M × M singular vectors of the short side, the best rank-k
 approximation (Eckart–Young; RMT.md §6.6) and any band of components need no long-side vectors:
-- m ≥ n (Q = V, right vectors): Σ_{lo≤i<hi} s_i u_i v_iᵀ = (W·Q[:, lo:hi])·Q[:, lo:hi]ᵀ;
-- m < n (Q = U, left vectors):  Σ_{lo≤i<hi} s_i u_i v_iᵀ = Q[:, lo:hi]·(Q[:, lo:hi]ᵀ·W).
+- m > n (Q = V, right vectors): Σ_{lo≤i<hi} s_i u_i v_iᵀ = (W·Q[:, lo:hi])·Q[:, lo:hi]ᵀ;
+- m ≤ n (Q = U, left vectors):  Σ_{lo≤i<hi} s_i u_i v_iᵀ = Q[:, lo:hi]·(Q[:, lo:hi]ᵀ·W).
 Q comes from the eigendecomposition of the M × M Gram matrix in float64, the route `spectral.spectra` already takes
 for the singular values (about M²N + M³ flops against about 4M²N + M³ for an economy SVD, and M² stored instead of
 (m + n)·M); where s_min/s_max < `GRAM_SAFE_RATIO` the Gram loses digits and an exact SVD gives Q instead. Stored in
@@ -11,11 +11,12 @@ float32: tests/test_factors.py measures the truncation error of that choice agai
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from spectral.spectra import GRAM_SAFE_RATIO
+from spectral.spectra import GRAM_SAFE_RATIO, gram_eigh
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Factors:
 
     S: torch.Tensor  # (M,)
     Q: torch.Tensor  # (M, M)
-    left: bool  # True: Q are left singular vectors (m < n); False: right singular vectors (m ≥ n)
+    left: bool  # True: Q are left singular vectors (m ≤ n); False: right singular vectors (m > n)
 
     @property
     def rank(self) -> int:
@@ -46,18 +47,17 @@ class Factors:
         return Factors(self.S.to(device), self.Q.to(device), self.left)
 
 
-def truncation_factors(matrix: torch.Tensor) -> Factors:
-    """Singular values and short-side singular vectors of a 2-D matrix, by the float64 Gram route (SVD fallback)."""
+def truncation_factors(matrix: torch.Tensor, progress: Callable[[float], None] | None = None) -> Factors:
+    """Singular values and short-side singular vectors of a 2-D matrix, by the float64 Gram route (SVD fallback);
+    `progress(fraction)` as `spectral.spectra.singular_values` reports it."""
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
-    w = matrix.detach().to(dtype=torch.float64, device="cpu")
-    m, n = w.shape
-    left = m < n
-    gram = w @ w.T if left else w.T @ w  # (M, M)
-    eigenvalues, vectors = torch.linalg.eigh(gram)
+    m, n = matrix.shape
+    left = m <= n  # the side `gram_eigh` decomposes: W·Wᵀ when rows ≤ cols
+    eigenvalues, vectors = gram_eigh(matrix, progress)
     s = eigenvalues.flip(0).clamp_min(0.0).sqrt()
     q = vectors.flip(1)
     if s.numel() and float(s[0]) > 0 and float(s[-1]) < GRAM_SAFE_RATIO * float(s[0]):
-        U, s, Vh = torch.linalg.svd(w, full_matrices=False)
+        U, s, Vh = torch.linalg.svd(matrix.detach().to(dtype=torch.float64, device="cpu"), full_matrices=False)
         q = U if left else Vh.T
     return Factors(s.float().contiguous(), q.float().contiguous(), left)

@@ -99,23 +99,56 @@ def _gram(w: torch.Tensor, done: Callable[[float], None]) -> torch.Tensor:
     return gram
 
 
+def gram_eigh(matrix: torch.Tensor, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ascending eigenvalues, eigenvectors as columns) of the M×M Gram matrix of a 2-D tensor (M the short side),
+    float64, by the same sliced Gram and the same eigensolver thread policy as `singular_values`: the short side's
+    singular vectors of W (spectral/factors.py)."""
+    if matrix.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
+    w = matrix.detach().cpu()
+    m, n = w.shape
+    short, long = min(m, n), max(m, n)
+    gram_work, eig_work = float(short) * short * long, 2 * EIG_WORK * float(short) ** 3
+    total = gram_work + eig_work or 1.0
+    report = _Reporter(progress)
+    start = time.perf_counter()
+    gram = _gram(w, lambda done: report(done * gram_work / total))
+    expected = (time.perf_counter() - start) * eig_work / max(gram_work, 1.0)
+    values, vectors = _eigh(gram, report if progress else None,
+                            lambda elapsed: (gram_work + eig_work * _eased(elapsed / max(expected, 1e-9))) / total,
+                            vectors=True)
+    if progress:
+        progress(1.0)
+    return values, vectors
+
+
 def _eigvalsh(gram: torch.Tensor, report: Callable[[float], None] | None,
               fraction: Callable[[float], float]) -> torch.Tensor:
-    """Ascending eigenvalues of the symmetric Gram matrix. From EIG_BESIDE_MIN up, LAPACK runs in a thread of its own
-    with EIG_THREADS OpenMP threads (an OpenMP limit set in a thread binds that thread only; torch releases the GIL),
-    and this thread keeps `report` moving with `fraction(elapsed)`, since LAPACK reports nothing while it works."""
+    """Ascending eigenvalues of the symmetric Gram matrix (see `_eigh`)."""
+    return _eigh(gram, report, fraction, vectors=False)[0]
+
+
+def _eigh(gram: torch.Tensor, report: Callable[[float], None] | None, fraction: Callable[[float], float], *,
+          vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ascending eigenvalues (and eigenvectors when asked) of the symmetric Gram matrix. From EIG_BESIDE_MIN up,
+    LAPACK runs in a thread of its own with EIG_THREADS OpenMP threads (an OpenMP limit set in a thread binds that
+    thread only; torch releases the GIL), and this thread keeps `report` moving with `fraction(elapsed)`, since
+    LAPACK reports nothing while it works."""
+    def solve() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return tuple(torch.linalg.eigh(gram)) if vectors else (torch.linalg.eigvalsh(gram), None)
+
     if gram.shape[0] < EIG_BESIDE_MIN:
-        return torch.linalg.eigvalsh(gram)
+        return solve()
     result: dict[str, object] = {}
 
     def work() -> None:
         try:
             with _openmp().limit(limits=EIG_THREADS, user_api="openmp"):
-                result["values"] = torch.linalg.eigvalsh(gram)
+                result["values"] = solve()
         except BaseException as error:  # noqa: BLE001 - handed to the calling thread, raised there
             result["error"] = error
 
-    worker = threading.Thread(target=work, name="eigvalsh", daemon=True)
+    worker = threading.Thread(target=work, name="eigh" if vectors else "eigvalsh", daemon=True)
     start = time.perf_counter()
     worker.start()
     while worker.is_alive():

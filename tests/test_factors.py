@@ -19,7 +19,7 @@ def test_components_from_the_short_side_equal_the_svd_truncation(shape):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(0, -2, shape[1]))
     f = truncation_factors(w)
-    assert f.left == (shape[0] < shape[1]) and f.Q.shape == (min(shape), min(shape))
+    assert f.left == (shape[0] <= shape[1]) and f.Q.shape == (min(shape), min(shape))
     torch.testing.assert_close(f.S.double(), torch.linalg.svdvals(w.double()), rtol=1e-6, atol=1e-7)
     for lo, hi in ((0, 5), (0, min(shape) // 2), (10, 20)):
         a, b = f.components(w, lo, hi)
