@@ -20,7 +20,14 @@ from spectral.diagnostics import (
 )
 from spectral.matrices import MatrixInfo
 from spectral.mp import mp_quantiles, upper_edge_location_scale
-from spectral.nulls import NULLS, PermutationNull, biwhitened_spectrum, permutation_null, sinkhorn_scaling
+from spectral.nulls import (
+    NULLS,
+    PermutationNull,
+    biwhitened_spectrum,
+    permutation_null,
+    shrink_scaling,
+    sinkhorn_scaling,
+)
 from spectral.tracy_widom import tw1_mean, tw1_ppf, tw1_std
 from spectral.workspace import matrix_spectrum, null_spectrum
 
@@ -150,6 +157,17 @@ def test_biwhitening_keeps_the_rank_and_leaves_zero_lines_alone():
     assert b.zero_lines == 1
     assert b.singular_values[2] > 1e-3 * b.singular_values[0]
     assert np.all(b.singular_values[3:] < 1e-9 * b.singular_values[0])  # rank 3 survives diagonal scaling
+
+
+def test_scalings_shrink_by_the_share_of_spread_that_sampling_explains():
+    d = torch.tensor([0.5, 1.0, 2.0, 0.0])
+    np.testing.assert_allclose(shrink_scaling(d, 2.0).numpy(), [0.5**0.75, 1.0, 2.0**0.75, 0.0])  # F = 4: weight 3/4
+    np.testing.assert_allclose(shrink_scaling(d, 0.9).numpy(), [1.0, 1.0, 1.0, 0.0])  # no excess spread: no scaling
+    # i.i.d. noise keeps its spectrum (the row norms' own sampling spread is not "corrected" away)
+    W = simulate("gauss", 200, 600, 12)
+    b = biwhitened_spectrum(torch.from_numpy(W))
+    ratio = b.singular_values / np.linalg.svd(W, compute_uv=False)
+    assert np.max(np.abs(ratio - 1)) < 0.01
 
 
 def test_an_exact_rank_one_variance_profile_is_undone():
