@@ -377,6 +377,11 @@ def _load(transformers, checkpoint, hf_config, kind: str, budget: int | None):
     missing = [k for k in expected if k in canonical and canonical[k] not in loaded]
     optional = [k for k in missing if kind == ENCODER and k.startswith("pooler.")]  # mean/CLS pooling never reads
     missing = [k for k in missing if k not in optional]  # BERT's pooler: a masked-LM checkpoint has none
+    prefix = getattr(meta, "base_model_prefix", "") or ""
+    for name, why in getattr(checkpoint, "left_out", {}).items():  # in the file, but unreadable (a GGUF type)
+        if _module_key(name, prefix, expected) in missing:
+            raise NotRunnable(source, f"{name} could not be read ({why}) and the {hf_config.model_type} model needs "
+                                      "it; spectra only")
     if missing:
         listed = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
         raise NotRunnable(source, f"tensors do not match the {hf_config.model_type} layout (missing {listed})")

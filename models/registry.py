@@ -81,12 +81,24 @@ def _runnable_model(checkpoint, tokenizer, eval_text, config_overrides, memory_b
         runnable = hf.build(checkpoint, config, model_type, memory_budget=memory_budget)
     elif architecture == NANOGPT_ARCHITECTURE or "transformer.wte.weight" in names:
         runnable = _build_gpt(checkpoint, config, _NANOGPT_NAMES, NANOGPT_ARCHITECTURE)
+    elif checkpoint.format == "gguf":
+        raise NotRunnable(checkpoint.source, _gguf_not_runnable(checkpoint))
     else:
         raise NotRunnable(checkpoint.source, "architecture not recognised (runnable: the demo GPT, nanoGPT, and "
                           "Hugging Face models with a config.json transformers can build; see docs/supported.md); "
                           "spectra only")
     _attach_text(runnable, checkpoint, tokenizer, eval_text)
     return runnable
+
+
+def _gguf_not_runnable(checkpoint) -> str:
+    """Why a GGUF without a Hugging Face config does not run: the reader's own note (spectral/gguf.py) where it left
+    one (transformers does not know the architecture, or is not installed)."""
+    arch = (checkpoint.metadata or {}).get("general.architecture", "unnamed")
+    prefix = f"{checkpoint.source}: "
+    note = next((w.removeprefix(prefix) for w in checkpoint.warnings if "transformers" in w or "architecture" in w),
+                "its tensors match no model this tool builds")
+    return f"GGUF architecture {arch!r} does not run here: {note}; spectra only"
 
 
 # ---------------------------------------------------------------------------------------------- GPT and nanoGPT
@@ -216,9 +228,15 @@ def _gpt_stages(model: GPT, canonical: dict[str, str]) -> list[Stage]:
 
 def _attach_text(runnable: Runnable, checkpoint, tokenizer, eval_text: str | None) -> None:
     """Tokenizer and held-out text: given explicitly, else tokenizer.json / heldout.txt beside the weights (or
-    uploaded with them), read through `Checkpoint.side_file` (confined to the server folder)."""
+    uploaded with them), read through `Checkpoint.side_file` (confined to the server folder), else the tokenizer the
+    checkpoint itself carries (`Checkpoint.tokenizer`: a GGUF's vocabulary)."""
     if tokenizer is None:
         tokenizer = side_file(checkpoint, TOKENIZER_FILE, runnable.notes)
+    if tokenizer is None and callable(getattr(checkpoint, "tokenizer", None)):
+        tokenizer = checkpoint.tokenizer()
+        if tokenizer is not None:
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
     if isinstance(tokenizer, (str, Path, bytes)):
         label = TOKENIZER_FILE if isinstance(tokenizer, bytes) else str(tokenizer)
         try:

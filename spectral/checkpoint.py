@@ -2,10 +2,15 @@
 
 Formats: safetensors (header validated here as strictly as the library does, uploads included; then each tensor read
 by offset through one descriptor per file, kept open), PyTorch `.pt/.pth/.bin/.ckpt` (zip or legacy pickle, through
-`torch.load(weights_only=True)`, so a pickle can never run code), and Hugging Face folders (config.json with one or
-several safetensors/bin shards and their index). Magic bytes decide the format, not the extension. Every failure is
-a `CheckpointError` whose message is one line: the file, then what is wrong with it; a file's own bytes are never
-quoted.
+`torch.load(weights_only=True)`, so a pickle can never run code), GGUF (`spectral.gguf`: header checked there, each
+tensor dequantised to float32 when read, under its Hugging Face name where transformers knows the architecture), and
+Hugging Face folders (config.json with one or several safetensors/bin shards and their index, or one GGUF). Magic
+bytes decide the format, not the extension. Every failure is a `CheckpointError` whose message is one line: the
+file, then what is wrong with it; a file's own bytes are never quoted.
+
+Healed files (spectral/heal.py `save_healed`): matrices stored factorised as NAME.factor_a @ NAME.factor_b, listed in
+metadata `spectra_factorised`, are presented as the dense tensor NAME (and each of its tied names), the factors
+hidden, so a healed file opens like any other (`spectral.heal.densify` is the reference).
 
 Hostile files: what a file declares is checked against the bytes it has and against MEMORY_BUDGET before anything is
 allocated (zip entries must be stored, not compressed, and must not overlap; a pickle is dry-run by `_Census` first:
@@ -42,6 +47,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from spectral.gguf import GGUFError, GGUFFile, is_gguf, open_gguf
+
 
 def _env_bytes(name: str, default: int) -> int:
     """A byte count from the environment ("1073741824", "2G", "512MiB"; binary multiples), else `default`."""
@@ -66,7 +73,7 @@ def _env_count(name: str, default: int) -> int:
     return int(text)
 
 
-FORMATS = ("safetensors", "pytorch", "huggingface", "demo")
+FORMATS = ("safetensors", "pytorch", "gguf", "huggingface", "demo")
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 HASH_CHUNK = 8 * 1024 * 1024  # sha256 is streamed in 8 MiB chunks
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
@@ -80,15 +87,22 @@ MAX_JSON_DEPTH = 100  # config.json and index files nested deeper are refused (r
 EXPANDED_ALLOWANCE = 1 << 20  # a tensor may claim this much beyond its storage (broadcast buffers); no more
 READ_CHUNK = 256 << 20  # one positional read; the kernel caps a single one near 2 GiB
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy torch.save file
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-LISTED_SUFFIXES = WEIGHT_SUFFIXES + (".gguf",)  # what a server folder offers (GGUF files carry their own config)
+FOLDER_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # with config.json: a Hugging Face folder
+WEIGHT_SUFFIXES = FOLDER_WEIGHT_SUFFIXES + (".gguf",)  # a folder holding one of these opens (GGUF: its own config)
+LISTED_SUFFIXES = WEIGHT_SUFFIXES  # what a server folder offers
 LIST_DEPTH = 2  # a server folder is listed this many levels deep
 MAX_LISTED_ENTRIES = 100_000  # directory entries examined by one listing, so a huge folder cannot stall the page
 MAX_SIDE_FILE = 64 << 20  # config.json, an index, tokenizer.json, heldout.txt: read whole, so bounded
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # where training scripts nest the weights
 STRIPPED_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DistributedDataParallel
-SIDE_FILES = ("config.json", "tokenizer.json")  # part of a folder's content (and its sha256) when present
-UPLOADED_SIDE_FILES = ("tokenizer.json", "heldout.txt")  # kept in memory with an upload, for the runnable model
+# part of a folder's content (and its sha256) when present; a folder's other side files (preprocessor_config.json,
+# heldout.txt, 1_Pooling/config.json) are read later through `Checkpoint.side_file`, where one that links out of the
+# server folder is ignored with a note rather than refusing the whole folder
+SIDE_FILES = ("config.json", "tokenizer.json")
+# kept in memory with an upload, for the runnable model (preprocessor_config.json: an image classifier's own
+# normalisation of its evaluation photographs); part of the upload's sha256
+UPLOADED_SIDE_FILES = ("tokenizer.json", "heldout.txt", "preprocessor_config.json")
+FACTORISED_KEY = "spectra_factorised"  # healed files: metadata listing matrices stored as NAME.factor_a @ factor_b
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -130,8 +144,13 @@ class Checkpoint:
     side_files: dict[str, bytes] = field(default_factory=dict, repr=False)  # uploads only: tokenizer.json,
     # heldout.txt sent with the weights (a folder's stay on disk beside them: read them with `side_file`)
     root: str | None = None  # the server folder every file of this checkpoint must resolve inside (open_in_folder)
-    quantization: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (quantisation type, the
-    # noise sigma it alone adds, in weight units); empty for unquantised formats
+    quantization: dict[str, tuple[str, float | None]] = field(default_factory=dict)  # name -> (quantisation type,
+    # the noise sigma it alone adds, in weight units, None where no uniform step models it); empty if unquantised
+    tokenizer: Callable[[], object | None] | None = None  # GGUF: builds the tokenizers.Tokenizer its vocabulary
+    # holds (first call ~0.3 s, then cached), or None; None for formats that carry no tokenizer
+    on_disk: bool = False  # every tensor is read from the files in `files` (not an upload held in memory)
+    left_out: dict[str, str] = field(default_factory=dict)  # tensors the file holds but that cannot be read (a GGUF
+    # type the gguf library cannot dequantise): name -> why; each is also in `warnings`, and in no other field
     _readers: dict[str, Callable[[str], torch.Tensor]] = field(default_factory=dict, repr=False)
     _folder: Path | None = field(default=None, repr=False)  # where side files live on disk; None for uploads
 
@@ -258,7 +277,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[str]:
 
     def visit(folder: Path, parts: tuple[str, ...]) -> None:
         files, folders, escapes = _scan(folder, base, budget)
-        is_model = "config.json" in files and any(n.lower().endswith(WEIGHT_SUFFIXES) for n in files)
+        is_model = "config.json" in files and any(n.lower().endswith(FOLDER_WEIGHT_SUFFIXES) for n in files)
         if parts and is_model and not escapes:
             found.append(parts + ("",))
         if len(parts) >= LIST_DEPTH:  # a folder at the last level is offered whole, its contents are not
@@ -492,7 +511,7 @@ def _load_file(path: Path, label: str, max_bytes: int | None, known_sha256: str 
     part = _open_file(label, path.name, size, head, path=path)
     shown = recorded if recorded is not None else path
     ckpt = _assemble(part, source=label, fmt=part.kind, sha256=digest, files=[str(shown)])
-    ckpt._folder = shown.parent
+    ckpt._folder, ckpt.on_disk = shown.parent, True
     return ckpt
 
 
@@ -536,11 +555,12 @@ def _load_fileset(store: _FolderFiles | _MemoryFiles, label: str | None, max_byt
     hashed = sorted(set(content) | ({n for n in UPLOADED_SIDE_FILES if store.exists(n)}
                                      if isinstance(store, _MemoryFiles) else set()))
     digest = known_sha256 or _combined_sha256({n: store.sha256(n) for n in hashed})
-    ckpt = _assemble(merged, source=source, fmt="huggingface", sha256=digest, files=[store.path(n) for n in content])
+    fmt = "gguf" if merged.kind == "gguf" else "huggingface"  # a folder around one GGUF is still a GGUF
+    ckpt = _assemble(merged, source=source, fmt=fmt, sha256=digest, files=[store.path(n) for n in content])
     if isinstance(store, _MemoryFiles):
         ckpt.side_files = {n: store.read(n) for n in UPLOADED_SIDE_FILES if store.exists(n)}
     else:
-        ckpt._folder = store.folder
+        ckpt._folder, ckpt.on_disk = store.folder, True
     return ckpt
 
 
@@ -587,6 +607,8 @@ def _merge_shards(store, index_name: str, shard_of: dict[str, str], parts: dict[
         for name in part.order:
             if shard_of.get(name) == shard:
                 merged.add(name, part.shapes[name], part.dtypes[name], part.readers[name])
+                if name in part.quantization:
+                    merged.quantization[name] = part.quantization[name]
         for group in part.shared:
             kept = [n for n in group if shard_of.get(n) == shard]
             if len(kept) > 1:
@@ -595,6 +617,9 @@ def _merge_shards(store, index_name: str, shard_of: dict[str, str], parts: dict[
             merged.metadata.setdefault(key, value)
         if merged.config is None:
             merged.config = part.config
+        merged.tokenizer = merged.tokenizer or part.tokenizer
+        merged.left_out.update(part.left_out)
+        merged.warnings += part.warnings
         merged.natural_order = merged.natural_order or part.natural_order
     for name, shard in shard_of.items():
         if name not in merged.shapes:
@@ -618,7 +643,9 @@ class _Part:
     config: dict | None = None
     natural_order: bool = False  # the writer sorted names alphabetically; sort them "naturally" instead
     warnings: list[str] = field(default_factory=list)
-    quantization: dict[str, tuple[str, float]] = field(default_factory=dict)  # see Checkpoint.quantization
+    quantization: dict[str, tuple[str, float | None]] = field(default_factory=dict)  # see Checkpoint.quantization
+    tokenizer: Callable[[], object | None] | None = None  # see Checkpoint.tokenizer
+    left_out: dict[str, str] = field(default_factory=dict)  # see Checkpoint.left_out
 
     def add(self, name: str, shape: tuple[int, ...], dtype: str, reader: Callable[[str], torch.Tensor]) -> None:
         self.order.append(name)
@@ -648,15 +675,19 @@ def _open_file(label: str, filename: str, size: int, head: bytes, *, path: Path 
                data: bytes | None = None, budget: _Budget | None = None) -> _Part:
     kind = _sniff(label, filename, size, head)
     budget = budget if budget is not None else _Budget()
+    if kind == "gguf":
+        return _open_gguf(label, path=path, data=data)
     if kind == "safetensors":
         return _open_safetensors(label, size, path=path, data=data, budget=budget)
     return _open_pytorch(label, size, is_zip=(kind == "zip"), path=path, data=data, budget=budget)
 
 
 def _sniff(label: str, filename: str, size: int, head: bytes) -> str:
-    """'safetensors', 'zip' or 'pickle', from the first bytes; the extension only chooses the error message."""
+    """'safetensors', 'zip', 'pickle' or 'gguf', from the first bytes; the extension only chooses the error message."""
     if size == 0:
         raise CheckpointError(label, "empty file (0 bytes)")
+    if is_gguf(head):
+        return "gguf"
     if head[:4] == b"PK\x03\x04":
         return "zip"
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER:
@@ -666,15 +697,13 @@ def _sniff(label: str, filename: str, size: int, head: bytes) -> str:
     suffix = Path(filename).suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"  # let the header check say what exactly is wrong
-    if head[:4] == b"GGUF":
-        raise CheckpointError(label, "GGUF files cannot be read by this version")
     # the file's own bytes are never quoted: a message may reach a browser, and the bytes may not be the user's
     if _looks_like_text(head):
         problem = "not a checkpoint: the file is text"
     elif suffix in WEIGHT_SUFFIXES:
-        problem = "not a checkpoint: no safetensors header, zip or pickle signature"
+        problem = "not a checkpoint: no safetensors header, zip, pickle or GGUF signature"
     else:
-        problem = "unknown format: not safetensors, a PyTorch zip or a pickle"
+        problem = "unknown format: not safetensors, a PyTorch zip, a pickle or GGUF"
     raise CheckpointError(label, problem)
 
 
@@ -684,6 +713,64 @@ def _looks_like_text(head: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return all(c.isprintable() or c in "\r\n\t" for c in text)
+
+
+# ------------------------------------------------------------------------------------------------------------ GGUF
+
+def _open_gguf(label: str, *, path: Path | None, data: bytes | None) -> _Part:
+    """A GGUF file through `spectral.gguf` (its header checked there): tensors as float32 under Hugging Face names where
+    transformers knows the architecture, the config from the metadata, the tokenizer built lazily. A tensor the gguf
+    library cannot dequantise is left out with a warning; so, in an upload, is one whose float32 copy would exceed
+    the memory budget (a few quantised bytes must not become gigabytes in memory)."""
+    try:
+        g = open_gguf(path if path is not None else data)
+        if len(g.tensors) > MAX_TENSORS:
+            raise CheckpointError(label, f"too many tensors: {len(g.tensors):,}, over the bound of {MAX_TENSORS:,} "
+                                         "(SPECTRA_MAX_TENSORS)")
+        quantization = g.quantization()
+    except GGUFError as e:
+        raise CheckpointError(label, str(e)) from None
+    part = _Part(kind="gguf", config=g.config, metadata=g.metadata_strings(),
+                 warnings=[f"{label}: {note}" for note in g.notes])
+    refused = g.refused()
+    for name, reason in refused.items():
+        part.left_out[name] = f"{g.info(name).type_name}: {reason}"
+        part.warnings.append(f"{label}: tensor {_quote(name)} ({g.info(name).type_name}) left out: {reason}")
+    reader = _GGUFReader(g, label)
+    for name in g.names():
+        if name in refused:
+            continue
+        info = g.info(name)
+        if data is not None and _numel(info.shape) * 4 > MEMORY_BUDGET:
+            part.left_out[name] = f"{info.type_name}: float32 copy over the memory budget for an upload"
+            part.warnings.append(f"{label}: tensor {_quote(name)} ({info.type_name}) left out: its float32 copy "
+                                 f"would take {_human_bytes(_numel(info.shape) * 4)}, over the "
+                                 f"{_human_bytes(MEMORY_BUDGET)} budget for an upload (open it from the server "
+                                 "folder instead)")
+            continue
+        part.add(name, info.shape, "float32", reader)
+        part.quantization[name] = quantization[name]
+    if not part.order:
+        if not g.tensors:
+            raise CheckpointError(label, "no tensors in the file")
+        first = next(w for w in part.warnings if " left out: " in w).removeprefix(f"{label}: ")
+        raise CheckpointError(label, f"no readable tensors: all {len(g.tensors)} left out (the first: {first})")
+    part.tokenizer = g.tokenizer
+    return part
+
+
+class _GGUFReader:
+    """Tensors of a GGUF file, each dequantised to float32 when asked for; the reader's failures name the file as the
+    loader names it."""
+
+    def __init__(self, g: GGUFFile, label: str):
+        self.g, self.label = g, label
+
+    def __call__(self, name: str) -> torch.Tensor:
+        try:
+            return self.g.tensor(name)
+        except GGUFError as e:
+            raise CheckpointError(self.label, str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------- safetensors
@@ -730,7 +817,91 @@ def _open_safetensors(label: str, size: int, *, path: Path | None, data: bytes |
         shape = tuple(entry["shape"])
         reader.spans[name] = _Span(data_start + begin, end - begin, dtype, shape)
         part.add(name, shape, _dtype_name(dtype), reader)
+    if FACTORISED_KEY in part.metadata:
+        _present_factorised(label, part, budget)
     return part
+
+
+@dataclass(frozen=True)
+class _Factorised:
+    """One matrix a healed file stores as a @ b (spectral/heal.py `save_healed`)."""
+
+    a: str
+    b: str
+    shape: tuple[int, ...]  # the dense tensor's stored shape
+    names: tuple[str, ...]  # the matrix's name, then its tied names
+
+
+def _present_factorised(label: str, part: _Part, budget: _Budget) -> None:
+    """Healed files: each matrix listed in metadata spectra_factorised ({NAME: {"a", "b", "shape", "rank", "dtype",
+    "tied_with"}}) becomes the float32 tensor NAME = a @ b reshaped to `shape`, and each tied name the same matrix (a
+    tied group); the factor tensors are hidden. As `spectral.heal.densify`, checked first: the factors exist, are
+    floating point, multiply (rows x k, k x cols) into `shape`, are used once, and a dense matrix fits the memory
+    budget (rank-0 factors hold no bytes at all, so the file's size bounds nothing)."""
+    what = f"metadata {FACTORISED_KEY!r}: "
+    entries = _read_json(label, part.metadata[FACTORISED_KEY].encode("utf-8", "surrogatepass"), what, budget=budget)
+    used: set[str] = set()
+    matrices: list[_Factorised] = []
+    for name, entry in entries.items():
+        shown = _quote(name)
+        if not isinstance(entry, dict):
+            raise CheckpointError(label, f"{what}entry {shown} is not an object")
+        a, b, shape, aliases = entry.get("a"), entry.get("b"), entry.get("shape"), entry.get("tied_with", [])
+        if not (isinstance(a, str) and isinstance(b, str) and a in part.shapes and b in part.shapes and a != b):
+            raise CheckpointError(label, f"{what}entry {shown} names factors {_quote(a)} and {_quote(b)}, which the "
+                                         "file does not hold")
+        if not (isinstance(shape, list) and shape and all(_is_count(d) for d in shape)):
+            raise CheckpointError(label, f"{what}entry {shown} has shape {_quote(shape)}")
+        if not (isinstance(aliases, list) and all(isinstance(n, str) for n in aliases)):
+            raise CheckpointError(label, f"{what}entry {shown} has tied_with {_quote(aliases)}, not a list of names")
+        sa, sb = part.shapes[a], part.shapes[b]
+        if len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0] or sa[0] * sb[1] != _numel(shape):
+            raise CheckpointError(label, f"{what}factors {_quote(a)} {list(sa)} and {_quote(b)} {list(sb)} do not "
+                                         f"multiply into shape {shape}")
+        if not all(part.dtypes[f].startswith(("float", "bfloat")) for f in (a, b)):
+            raise CheckpointError(label, f"{what}factors of {shown} are not floating point")
+        if _numel(shape) * 4 > MEMORY_BUDGET:
+            raise CheckpointError(label, f"{what}matrix {shown} would take {_human_bytes(_numel(shape) * 4)} as a "
+                                         f"dense float32 tensor, over the {_human_bytes(MEMORY_BUDGET)} budget "
+                                         "(SPECTRA_MEMORY_BUDGET)")
+        names = (name, *aliases)
+        if used & {a, b, *names} or len(set(names)) != len(names):
+            raise CheckpointError(label, f"{what}entry {shown} reuses a factor or a name of another entry")
+        used.update((a, b, *names))
+        matrices.append(_Factorised(a, b, tuple(shape), names))
+    clash = [n for m in matrices for n in m.names if n in part.shapes]
+    if clash:
+        raise CheckpointError(label, f"{what}{_quote(clash[0])} is both a stored tensor and a factorised matrix")
+    factors = {f for m in matrices for f in (m.a, m.b)}
+    if len(part.order) - len(factors) + sum(len(m.names) for m in matrices) > MAX_TENSORS:
+        raise CheckpointError(label, f"{what}too many tensors once densified, over the bound of {MAX_TENSORS:,} "
+                              "(SPECTRA_MAX_TENSORS)")
+    # the factorisation is consumed (a cut of this checkpoint saved again holds dense tensors); the note stays
+    kept = _Part(kind=part.kind, metadata={k: v for k, v in part.metadata.items() if k != FACTORISED_KEY},
+                 config=part.config, natural_order=part.natural_order, warnings=part.warnings)
+    for name in part.order:
+        if name not in factors:
+            kept.add(name, part.shapes[name], part.dtypes[name], part.readers[name])
+    for m in matrices:
+        product = _FactorProduct(part.readers, m)
+        for name in m.names:
+            kept.add(name, m.shape, "float32", product)
+        if len(m.names) > 1:
+            kept.shared.append(list(m.names))
+    part.__dict__.update(kept.__dict__)
+
+
+class _FactorProduct:
+    """A healed file's factorised matrix, multiplied out in float32 when read (a new tensor on each call)."""
+
+    def __init__(self, readers: dict[str, Callable[[str], torch.Tensor]], matrix: _Factorised):
+        self.readers, self.matrix = readers, matrix
+
+    def __call__(self, name: str) -> torch.Tensor:
+        m = self.matrix
+        a = self.readers[m.a](m.a).to(torch.float32)
+        b = self.readers[m.b](m.b).to(torch.float32)
+        return (a @ b).reshape(m.shape)
 
 
 def _library_agrees(label: str, path: Path) -> None:
@@ -1391,6 +1562,7 @@ def _assemble(part: _Part, *, source: str, fmt: str, sha256: str, files: list[st
     ckpt = Checkpoint(source=source, format=fmt, sha256=sha256, shapes=shapes, dtypes=dtypes, config=part.config,
                       metadata=dict(part.metadata), files=list(files), warnings=list(part.warnings),
                       quantization={n: part.quantization[n] for n in order if n in part.quantization},
+                      tokenizer=part.tokenizer, left_out=dict(part.left_out),
                       _readers={n: part.readers[n] for n in order})
     ckpt.tied_groups = _tied_groups(ckpt, part.shared)
     return ckpt

@@ -63,6 +63,8 @@ MAX_NESTING = 3  # arrays of arrays
 KEPT_ARRAY_ITEMS = 64  # longer arrays are kept as a `GGUFArray` summary, not decoded
 DEQUANT_CHUNK = 1 << 24  # elements dequantised per call: bounds the library's temporaries beside the output
 SCALE_CHUNK = 1 << 16  # blocks per pass when reading the scales for σ
+MAX_TOKENIZER_ITEMS = 1 << 22  # tokens + merges transformers may decode into Python objects (~100 bytes each): real
+# vocabularies hold under 10^6 (Llama 3: 128,256 tokens and 280,147 merges; Gemma 3: 262,144 tokens)
 TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                     "tokenizer.ggml.scores")  # only the tokenizer reads these: left out of the config's header copy
 GGUF_LIBRARY = _package_version("gguf")
@@ -434,6 +436,11 @@ class GGUFFile:
 
     def _build_tokenizer(self):
         if transformers is None or "tokenizer.ggml.tokens" not in self._header.counts:
+            return None
+        items = sum(self._header.counts.get(k, 0) for k in TOKENIZER_ARRAYS)
+        if items > MAX_TOKENIZER_ITEMS:
+            self.notes.append(f"no tokenizer: the vocabulary declares {items:,} tokens and merges, over the bound of "
+                              f"{MAX_TOKENIZER_ITEMS:,}")
             return None
         try:
             with self._header_copy() as copy, _quiet_transformers():
