@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spectral.mp import MarchenkoPastur, has_lower_edge
+from spectral.mp import MarchenkoPastur, has_lower_edge, upper_threshold
+from spectral.noise import BEMA
+from spectral.spikes import signal_strength
 
 __all__ = [
     "KURTOSIS_FLOOR",
@@ -28,6 +30,7 @@ __all__ = [
     "SPREAD_FLOOR",
     "EntryStats",
     "SpectrumFit",
+    "detected_theta4",
     "entry_statistics",
     "kurtosis_limit",
     "left_outlier_limit",
@@ -172,6 +175,20 @@ def signal_spread(entries: EntryStats, theta4: float, N: int) -> tuple[float, fl
         return 0.0, 0.0
     rows, cols = entries.rows, entries.cols
     return (2.0 * theta4 * N * N / (k2 * cols * rows * rows), 2.0 * theta4 * N * N / (k2 * rows * cols * cols))
+
+
+def detected_theta4(singular_values: np.ndarray, shape: tuple[int, int], confidence: float = 0.99) -> float:
+    """Σθ̂⁴ over the singular values above the MP/TW edge at `confidence` (BEMA σ̂; θ̂ by the BGN inverse map,
+    RMT.md §6.3): the input of `signal_spread` when no analysis row is at hand."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    big, small = max(shape), min(shape)
+    sigma2 = BEMA().fit(s, shape).sigma2_
+    if not sigma2 > 0:
+        return 0.0
+    lam = np.sort(s)[::-1] ** 2 / big
+    above = lam[lam > upper_threshold(big, small, sigma2, confidence)]
+    theta = signal_strength(np.sqrt(above / sigma2), small / big)
+    return float(np.nansum(np.asarray(theta) ** 4))
 
 
 def _finite(v: float) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spectral.diagnostics import EntryStats, entry_statistics
+from spectral.diagnostics import EntryStats, detected_theta4, entry_statistics, signal_spread
 from spectral.noise import BEMA
 from spectral.spectra import singular_values as _singular_values
 from spectral.tracy_widom import tw1_mean, tw1_std
@@ -104,31 +104,40 @@ class Biwhitened:
     zero_lines: int  # all-zero rows plus columns, left at zero
 
 
-def shrink_scaling(d: torch.Tensor, spread: float) -> torch.Tensor:
-    """d^(1 − 1/F) with F = spread² (the ANOVA ratio of `EntryStats`): the Sinkhorn scaling shrunk towards 1 by the
-    share of the line mean squares' spread that their own sampling noise explains (the empirical-Bayes,
-    James-Stein, weight of a variance estimate). Landa, Zhang & Kluger scale by a known variance model; estimated
-    from W's own entry squares, the full scaling would also remove the natural sampling spread of row norms that
-    MP/TW includes, and with it part of weak spikes (three planted spikes at 1.2-3.5× the BBP threshold in
-    1000×2000 noise: all found in 86% of seeds with the full scaling, in 93% under MP). Under i.i.d. entries F ≈ 1
-    and the scaling vanishes; under a Gamma(4, 1/4) profile F ≈ 30-100 and it is kept to within 1-3%."""
-    if not math.isfinite(spread) or spread <= 1.0:
+def shrink_scaling(d: torch.Tensor, spread: float, explained: float = 0.0) -> torch.Tensor:
+    """d^(1 − 1/F) with F = spread² − explained (the ANOVA ratio of `EntryStats`, less the share that detected
+    low-rank signal explains, `diagnostics.signal_spread`): the Sinkhorn scaling shrunk towards 1 by the share of
+    the line mean squares' spread that their own sampling noise explains (the empirical-Bayes, James-Stein, weight
+    of a variance estimate). Landa, Zhang & Kluger scale by a known variance model; estimated from W's own entry
+    squares, the full scaling would also remove the natural sampling spread of row norms that MP/TW includes, and
+    the spread that the signal itself puts into them, and with both part of weak spikes (three planted spikes at
+    1.2-3.5× the BBP threshold in 1000×2000 noise: all found in 86% of seeds with the full scaling, 93% under MP).
+    Under i.i.d. entries F ≈ 1 and the scaling vanishes; under a Gamma(4, 1/4) profile F ≈ 30-100 and it is kept
+    to within 1-3%."""
+    f = spread * spread - explained if math.isfinite(spread) else float("nan")
+    if not math.isfinite(f) or f <= 1.0:
         return torch.where(d > 0, torch.ones_like(d), d)
-    weight = 1.0 - 1.0 / (spread * spread)
+    weight = 1.0 - 1.0 / f
     live = d > 0
     out = d.clone()
     out[live] = d[live] ** weight
     return out
 
 
-def biwhitened_spectrum(matrix: torch.Tensor, *, tol: float = SINKHORN_TOL, max_iter: int = SINKHORN_MAX_ITER,
+def biwhitened_spectrum(matrix: torch.Tensor, singular_values: np.ndarray | None = None, *,
+                        tol: float = SINKHORN_TOL, max_iter: int = SINKHORN_MAX_ITER,
                         progress: Fraction | None = None) -> Biwhitened:
     """Singular values and entry statistics of the biwhitened matrix D₁WD₂ (`sinkhorn_scaling`, each scaling shrunk
-    by `shrink_scaling`; then one scalar so that D₁WD₂ keeps W's overall mean square)."""
+    by `shrink_scaling`; then one scalar so that D₁WD₂ keeps W's overall mean square). With W's own
+    `singular_values`, the spread its detected signal explains is left out of the shrinkage weights."""
     w = matrix.detach().to(device="cpu", dtype=torch.float64)
     d1, d2, iterations, converged = sinkhorn_scaling(w, tol=tol, max_iter=max_iter)
     own = entry_statistics(w)
-    d1, d2 = shrink_scaling(d1, own.row_spread), shrink_scaling(d2, own.col_spread)
+    explained = (0.0, 0.0)
+    if singular_values is not None:
+        explained = signal_spread(own, detected_theta4(singular_values, tuple(w.shape)), max(w.shape))
+    d1 = shrink_scaling(d1, own.row_spread, explained[0])
+    d2 = shrink_scaling(d2, own.col_spread, explained[1])
     if progress:
         progress(0.3)
     scaled = w * d1[:, None] * d2[None, :]

@@ -2,11 +2,15 @@
 
 The dashboard keeps one `Workspace` per checkpoint content (sha256) and shares it read-only across browser sessions;
 the CLI makes one per run. Nothing here mutates the checkpoint's tensors.
+
+Where the work runs: here, one matrix after another (on the CPU, or on a GPU through `device`), or, with a `mapper`
+(spectral/distributed.py's `RayMap`), as tasks on a Ray cluster that run the same `matrix_spectrum`, so the caches
+hold the same numbers either way. Spectra and truncation factors are also kept in a disk cache keyed by the
+checkpoint's sha256 and the matrix name (spectral/cache.py), so reopening a checkpoint skips them.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -24,34 +28,37 @@ from spectral.analysis import (
     analyze_spectrum,
     summarize,
 )
+from spectral.cache import DiskCache, default_cache
 from spectral.checkpoint import Checkpoint, load_checkpoint
-from spectral.diagnostics import entry_statistics
+from spectral.devices import CPU, Device, singular_values_on
+from spectral.diagnostics import EntryStats, entry_statistics
+from spectral.factors import Factors, truncation_factors
 from spectral.matrices import MatrixInfo, find_matrices, matrix_view
 from spectral.nulls import DEFAULT_SHUFFLES, NULLS, biwhitened_spectrum, permutation_null
 from spectral.spectra import singular_values
 from spectral.threads import configure_threads
 
 Fraction = Callable[[float], None]  # progress within one matrix, 0..1
+SPECTRUM_ENTRY = "spectrum-v1"  # disk-cache kinds; bump when what is stored changes
+FACTORS_ENTRY = "factors-v1"
+_DEFAULT = object()
 
 
 class NonFiniteMatrix(ValueError):
     """A matrix with NaN or Inf entries: it has no spectrum and is skipped; `str(error)` is the reason."""
 
 
-def _takes_progress(fn) -> bool:
-    try:
-        return "progress" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-_SINGULAR_VALUES_TAKE_PROGRESS = _takes_progress(singular_values)
+FINITE_CHECK_ELEMENTS = 1 << 22  # entries checked at a time: the check's temporaries stay small beside W
 
 
 def check_finite(matrix: torch.Tensor) -> None:
-    """Raise `NonFiniteMatrix` with the count when the matrix holds NaN or Inf."""
-    if not bool(torch.isfinite(matrix).all()):
-        bad = int((~torch.isfinite(matrix)).sum())
+    """Raise `NonFiniteMatrix` with the count when the matrix holds NaN or Inf (checked a block of rows at a time:
+    `torch.isfinite` of the whole matrix would allocate ~1.8× it)."""
+    step = max(1, FINITE_CHECK_ELEMENTS // max(matrix.shape[-1], 1))
+    bad = 0
+    for begin in range(0, matrix.shape[0], step):
+        bad += int((~torch.isfinite(matrix[begin:begin + step])).sum())
+    if bad:
         raise NonFiniteMatrix(f"{bad} NaN/Inf values: matrix skipped")
 
 
@@ -63,12 +70,7 @@ def matrix_spectrum(matrix: torch.Tensor, info: MatrixInfo, *,
     A distributed map calls this on workers and gets exactly what the local run gets."""
     check_finite(matrix)
     w = matrix.detach()
-    if svd is not None:
-        s = svd(w)
-    elif progress is not None and _SINGULAR_VALUES_TAKE_PROGRESS:
-        s = singular_values(w, progress=progress)
-    else:
-        s = singular_values(w)
+    s = svd(w) if svd is not None else singular_values(w, progress=progress)
     # entry statistics convert slices to float64 one at a time, like the Gram product: no float64 copy of W
     return Spectrum(info.name, tuple(info.shape), info.role, tuple(info.tied_with), s, entries=entry_statistics(w))
 
@@ -80,7 +82,8 @@ def null_spectrum(spectrum: Spectrum, matrix: torch.Tensor, null: str, *, shuffl
     if null not in NULLS:
         raise ValueError(f"unknown null {null!r}; choose one of {', '.join(NULLS)}")
     if null == "biwhitened" and spectrum.biwhitened is None:
-        return dataclasses.replace(spectrum, biwhitened=biwhitened_spectrum(matrix, progress=progress))
+        return dataclasses.replace(spectrum, biwhitened=biwhitened_spectrum(matrix, spectrum.singular_values,
+                                                                            progress=progress))
     if null == "permutation" and spectrum.permutation is None:
         return dataclasses.replace(spectrum, permutation=permutation_null(
             matrix, spectrum.singular_values, shuffles=shuffles, seed=seed, progress=progress))
@@ -90,9 +93,16 @@ def null_spectrum(spectrum: Spectrum, matrix: torch.Tensor, null: str, *, shuffl
 class Workspace:
     """Matrices, spectra (singular values) and SVD factors of one checkpoint, each computed at most once."""
 
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, *, mapper=None, device: Device = CPU,
+                 cache: DiskCache | None = _DEFAULT):
+        """`mapper`: an object with `spectra(checkpoint, infos, progress) -> {name: Spectrum | reason}` (a RayMap);
+        `device`: where singular values are computed locally; `cache`: the disk cache (default: $SPECTRA_CACHE's,
+        None for none)."""
         configure_threads()
         self.checkpoint = checkpoint
+        self.mapper = mapper
+        self.device = device
+        self.cache = default_cache() if cache is _DEFAULT else cache
         self.matrices: list[MatrixInfo] = find_matrices(checkpoint)
         self._by_name = {}
         for info in self.matrices:
@@ -102,6 +112,7 @@ class Workspace:
         self._spectra: dict[str, Spectrum] = {}
         self._skipped: dict[str, str] = {}
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._truncations: dict[str, Factors] = {}
         self._analyses: OrderedDict[Settings, Analysis] = OrderedDict()
         self._lock = threading.RLock()
 
@@ -129,21 +140,57 @@ class Workspace:
     def spectra(self, progress: Progress | None = None) -> dict[str, Spectrum]:
         """Singular values of every finite matrix, computed once; matrices with NaN/Inf are skipped with a reason."""
         with self._lock:
-            todo = [m for m in self.matrices if m.name not in self._spectra and m.name not in self._skipped]
+            todo = self.spectra_from_disk()
+            if self.mapper is not None and todo:
+                self.adopt(self.mapper.spectra(self.checkpoint, todo, progress))
+                todo = []
+            svd = None if self.device == CPU else (lambda w: singular_values_on(w, self.device))
             for i, info in enumerate(todo):
                 if progress:
                     progress(i, len(todo), info.name)
                 try:
-                    spectrum = matrix_spectrum(self.weight(info.name), info, progress=_within(progress, i, len(todo),
-                                                                                              info.name))
+                    spectrum = matrix_spectrum(self.weight(info.name), info, svd=svd,
+                                               progress=_within(progress, i, len(todo), info.name))
                 except NonFiniteMatrix as e:
                     self._skipped[info.name] = str(e)
                     continue
-                quant, quant_sigma = self._quantization(info)
-                self._spectra[info.name] = dataclasses.replace(spectrum, quant=quant, quant_sigma=quant_sigma)
+                self.adopt({info.name: spectrum})
             if progress and todo:
                 progress(len(todo), len(todo), "")
             return {m.name: self._spectra[m.name] for m in self.matrices if m.name in self._spectra}
+
+    def spectra_from_disk(self) -> list[MatrixInfo]:
+        """Take what the disk cache holds of the pending spectra; returns the matrices still pending after that."""
+        with self._lock:
+            self.adopt(self._from_disk(self.pending()), save=False)
+            return self.pending()
+
+    def pending(self) -> list[MatrixInfo]:
+        """Matrices with neither a spectrum nor a reason to skip them yet."""
+        return [m for m in self.matrices if m.name not in self._spectra and m.name not in self._skipped]
+
+    def adopt(self, results, *, save: bool = True) -> None:
+        """Take spectra computed elsewhere (a Ray map, the disk cache): a `Spectrum` is cached (with the stored
+        tensor's quantisation facts, and written to the disk cache), a str is the reason the matrix is skipped."""
+        with self._lock:
+            for name, found in results.items():
+                if isinstance(found, str):
+                    self._skipped[name] = found
+                    continue
+                quant, quant_sigma = self._quantization(self.info(name))
+                self._spectra[name] = dataclasses.replace(found, quant=quant, quant_sigma=quant_sigma)
+                if save and self.cache is not None:
+                    self.cache.save(self.checkpoint.sha256, name, SPECTRUM_ENTRY, _spectrum_tensors(found))
+
+    def _from_disk(self, infos: list[MatrixInfo]) -> dict[str, Spectrum]:
+        if self.cache is None:
+            return {}
+        found = {}
+        for info in infos:
+            stored = self.cache.load(self.checkpoint.sha256, info.name, SPECTRUM_ENTRY)
+            if stored is not None and int(stored["s"].numel()) == min(info.shape):
+                found[info.name] = _spectrum_from(stored, info)
+        return found
 
     def _quantization(self, info: MatrixInfo) -> tuple[str | None, float | None]:
         """(GGUF quantisation type, the σ it adds) of the stored tensor, from `Checkpoint.quantization` if present."""
@@ -187,6 +234,43 @@ class Workspace:
                 self._factors[info.name] = (U.float().contiguous(), S.float(), Vh.float().contiguous())
             return self._factors[info.name]
 
+    def truncation(self, name: str, progress: Fraction | None = None) -> Factors:
+        """Singular values and the short side's singular vectors of one matrix (spectral/factors.py): all a
+        truncation needs. Computed once by the Gram route, kept in memory and in the disk cache."""
+        info = self.info(name)
+        with self._lock:
+            found = self._truncations.get(info.name)
+            if found is not None:
+                return found
+            stored = self.cache.load(self.checkpoint.sha256, info.name, FACTORS_ENTRY) if self.cache else None
+            if stored is not None and int(stored["S"].numel()) == min(info.shape):
+                found = Factors(stored["S"], stored["Q"], bool(stored["left"].item()))
+            else:
+                found = truncation_factors(self.weight(info.name), progress)
+                if self.cache is not None:
+                    self.cache.save(self.checkpoint.sha256, info.name, FACTORS_ENTRY,
+                                    {"S": found.S, "Q": found.Q, "left": torch.tensor([found.left])})
+            self._truncations[info.name] = found
+            return found
+
+    def has_truncation(self, name: str) -> bool:
+        """The truncation factors of this matrix are in memory already (no work to get them)."""
+        return self.info(name).name in self._truncations
+
+    def prefetch_truncations(self, names=None, progress: Progress | None = None,
+                             should_stop: Callable[[], bool] | None = None) -> None:
+        """Compute the truncation factors of `names` (default every matrix), in that order, until `should_stop`."""
+        todo = [self.info(n).name for n in (names if names is not None else [m.name for m in self.matrices])]
+        todo = [n for n in dict.fromkeys(todo) if n not in self._skipped]
+        for i, name in enumerate(todo):
+            if should_stop is not None and should_stop():
+                return
+            if progress:
+                progress(i, len(todo), name)
+            self.truncation(name)
+        if progress and todo:
+            progress(len(todo), len(todo), "")
+
     def checkpoint_summary(self) -> dict:
         ck = self.checkpoint
         return {"path": ck.source, "sha256": ck.sha256, "format": ck.format, "n_tensors": ck.n_tensors,
@@ -209,6 +293,25 @@ class Workspace:
             while len(self._analyses) > 16:
                 self._analyses.popitem(last=False)
             return result
+
+
+def _spectrum_tensors(spectrum: Spectrum) -> dict[str, torch.Tensor]:
+    """What the disk cache keeps of a spectrum: the singular values and the entry statistics."""
+    out = {"s": torch.from_numpy(np.ascontiguousarray(spectrum.singular_values, dtype=np.float64))}
+    e = spectrum.entries
+    if e is not None:
+        out["entries"] = torch.tensor([e.rows, e.cols, e.mean_square, e.row_cv, e.col_cv, e.row_spread,
+                                       e.col_spread, e.excess_kurtosis], dtype=torch.float64)
+    return out
+
+
+def _spectrum_from(stored: dict[str, torch.Tensor], info: MatrixInfo) -> Spectrum:
+    entries = None
+    if "entries" in stored:
+        v = stored["entries"].tolist()
+        entries = EntryStats(int(v[0]), int(v[1]), *v[2:])
+    return Spectrum(info.name, tuple(info.shape), info.role, tuple(info.tied_with), stored["s"].numpy().copy(),
+                    entries=entries)
 
 
 def _within(progress: Progress | None, i: int, total: int, label: str) -> Fraction | None:

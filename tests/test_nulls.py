@@ -30,6 +30,7 @@ from spectral.nulls import (
 )
 from spectral.tracy_widom import tw1_mean, tw1_ppf, tw1_std
 from spectral.workspace import matrix_spectrum, null_spectrum
+from tests.rmt_oracles import spiked
 
 T99 = float(tw1_ppf(0.99))
 SPIKE_FACTORS = (1.2, 2.35, 3.5)  # planted spikes at these multiples of the BBP threshold q^(1/4) (RMT.md §6.1)
@@ -168,6 +169,17 @@ def test_scalings_shrink_by_the_share_of_spread_that_sampling_explains():
     b = biwhitened_spectrum(torch.from_numpy(W))
     ratio = b.singular_values / np.linalg.svd(W, compute_uv=False)
     assert np.max(np.abs(ratio - 1)) < 0.01
+
+
+def test_biwhitening_leaves_the_spread_that_detected_signal_explains():
+    # two strong spikes in a small matrix spread the row norms (F ≈ 1 + 2Σθ⁴N/((κ+2)·n·m²)); given W's singular
+    # values the scaling knows that share and leaves the spikes as they are, without it it shrinks them
+    W = simulate("gauss", 100, 400, 13) + spiked(100, 400, [4.0, 6.0], seed=14) - spiked(100, 400, seed=14)
+    s = np.linalg.svd(W, compute_uv=False)
+    informed = biwhitened_spectrum(torch.from_numpy(W), s)
+    blind = biwhitened_spectrum(torch.from_numpy(W))
+    assert abs(informed.singular_values[1] / s[1] - 1) < 0.01
+    assert abs(blind.singular_values[1] / s[1] - 1) > abs(informed.singular_values[1] / s[1] - 1)
 
 
 def test_an_exact_rank_one_variance_profile_is_undone():
