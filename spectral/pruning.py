@@ -19,14 +19,15 @@ the cut. Scopes: all, attention (roles attn_*), mlp (roles mlp_*), embedding (em
 overrides give any matrix its own strategy, in scope or not. A tied matrix is one entry, cut once, and every name
 it has gets the same cut values.
 
-Applying a plan (`Pruner.apply`) rebuilds only the matrices whose cut changed since the previous plan, from SVD
-factors that `Workspace.factors` computes lazily (only for matrices a plan truncates), into buffers owned by the
+Applying a plan (`Pruner.apply`) rebuilds only the matrices whose cut changed since the previous plan, from the
+truncation factors (singular values and the short side's singular vectors, spectral/factors.py) that
+`Workspace.truncation` computes lazily (only for matrices a plan truncates), into buffers owned by the
 pruner: cached originals are never written. A truncation to rank k whose factors cost less than the dense matrix
 (k·(m+n) < m·n) is not rebuilt at all: the pruner keeps its factors and hands the model a `LowRankWeight`, which
 runs as two thin matmuls, so a heavily cut model evaluates faster than the untouched one (spectral/lowrank.py).
-Otherwise a truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built densely the cheapest of three exact ways: from the head (cost ∝ k), as W minus the tail (∝ r − k), or from the previous W_k' by adding or
-subtracting the components between k and k' (∝ |k − k'|, what a slider move needs); the incremental route is
-re-based by a full rebuild every `MAX_INCREMENTS` moves so float error cannot accumulate.
+Otherwise a truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built densely the cheapest of three exact ways: from the head
+(cost ∝ k), as W minus the tail (∝ r − k), or from the previous W_k' by adding or subtracting the components between
+k and k' (∝ |k − k'|, what a slider move needs); the incremental route is re-based by a full rebuild every `MAX_INCREMENTS` moves so float error cannot accumulate.
 """
 from __future__ import annotations
 
@@ -459,11 +460,11 @@ class Pruner:
         k = cut.kept_rank
         if k is not None and 0 < k and cut.precision == "fp32" and len(info.source_shape) == 2 \
                 and cheaper_factorised(tuple(info.shape), k):
-            U, S, Vh = self.workspace.factors(info.name)
-            state.low_rank = (U[:, :k] * S[:k], Vh[:k])  # left is new (m×k), right a view of the shared factors
+            f = self.workspace.truncation(info.name)
+            state.low_rank = f.components(W, 0, k)  # (m×k, k×n): one side new, the other a view of shared factors
             state.exact_rank = None  # the dense buffer, if any, no longer holds a known truncation
             state.cut, state.active = cut, True
-            state.relative_error = relative_error_from_spectrum(S, slice(k, None))
+            state.relative_error = relative_error_from_spectrum(f.S, slice(k, None))
             return
         state.low_rank = None
         if state.buffer is None:
@@ -476,30 +477,30 @@ class Pruner:
             norm = float(torch.linalg.vector_norm(W))
             buf.copy_(_random_like(info.name, cut.random_seed, W.shape, norm))
         elif k is not None:
-            U, S, Vh = self.workspace.factors(info.name) if k > 0 else (None, None, None)
+            f = self.workspace.truncation(info.name) if k > 0 else None
             if k == 0:
                 buf.zero_()
                 error = 1.0 if float(torch.linalg.vector_norm(W)) > 0 else 0.0
             else:
-                r = S.shape[0]
-                error = relative_error_from_spectrum(S, slice(k, None))
+                r = f.rank
+                error = relative_error_from_spectrum(f.S, slice(k, None))
                 if previous_exact is not None and state.increments < MAX_INCREMENTS \
                         and abs(k - previous_exact) < min(k, r - k):
                     lo, hi = sorted((k, previous_exact))
-                    buf.addmm_(U[:, lo:hi] * S[lo:hi], Vh[lo:hi], alpha=1.0 if k > previous_exact else -1.0)
+                    buf.addmm_(*f.components(W, lo, hi), alpha=1.0 if k > previous_exact else -1.0)
                     state.increments += 1
                 elif k <= r - k:
-                    torch.mm(U[:, :k] * S[:k], Vh[:k], out=buf)
+                    torch.mm(*f.components(W, 0, k), out=buf)
                     state.increments = 0
                 else:
-                    torch.addmm(W, U[:, k:] * S[k:], Vh[k:], alpha=-1.0, out=buf)
+                    torch.addmm(W, *f.components(W, k, r), alpha=-1.0, out=buf)
                     state.increments = 0
             exact = k
         elif cut.removed is not None:
-            U, S, Vh = self.workspace.factors(info.name)
+            f = self.workspace.truncation(info.name)
             lo, hi = cut.removed
-            torch.addmm(W, U[:, lo:hi] * S[lo:hi], Vh[lo:hi], alpha=-1.0, out=buf)
-            error = relative_error_from_spectrum(S, slice(lo, hi))
+            torch.addmm(W, *f.components(W, lo, hi), alpha=-1.0, out=buf)
+            error = relative_error_from_spectrum(f.S, slice(lo, hi))
         else:
             buf.copy_(W)
             error = 0.0

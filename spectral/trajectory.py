@@ -27,13 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from spectral.analysis import MatrixReport, Settings, Spectrum, analyze_spectrum
-from spectral.cache import DiskCache, default_cache
+from spectral.analysis import MatrixReport, Settings
 from spectral.checkpoint import WEIGHT_SUFFIXES, Checkpoint, CheckpointError, load_checkpoint, open_in_folder
 from spectral.compare import normalised
-from spectral.diagnostics import EntryStats
 from spectral.distributed import Job, RayMap
 from spectral.library import file_stamp
 from spectral.matrices import MatrixInfo
@@ -208,9 +204,7 @@ class _Entry:
     metadata_step: tuple[int, str] | None
     summary: dict
     infos: list[MatrixInfo]
-    workspace: Workspace | None = None  # local runs: the workspace (other nulls need the weights)
-    spectra: dict[str, Spectrum] | None = None  # from a Ray map or the disk cache
-    skipped: dict[str, str] = field(default_factory=dict)
+    workspace: Workspace  # its spectra: computed here, read from the disk cache, or adopted from a Ray map
     rows: dict[Settings, list[MatrixReport]] = field(default_factory=dict)  # analysis rows per settings seen
 
 
@@ -335,97 +329,44 @@ def _discover(folder, root=None) -> tuple[list[tuple[TrajectoryPoint, tuple, _En
     return points, notes
 
 
-# ---------------------------------------------------------------------------------------------- on disk
-
-CACHE_KIND = "spectrum-v1"  # singular values and entry statistics of the MP null (what `Workspace.spectra` computes)
-_ENTRY_FIELDS = ("mean_square", "row_cv", "col_cv", "row_spread", "col_spread", "excess_kurtosis")
-
-
-def _save_spectra(cache: DiskCache, sha256: str, spectra: dict[str, Spectrum]) -> None:
-    for name, sp in spectra.items():
-        tensors = {"singular_values": torch.from_numpy(sp.singular_values.astype("float64"))}
-        if sp.entries is not None:
-            tensors["entries"] = torch.tensor([getattr(sp.entries, f) for f in _ENTRY_FIELDS], dtype=torch.float64)
-        cache.save(sha256, name, CACHE_KIND, tensors)
-
-
-def _load_spectra(cache: DiskCache, sha256: str, infos: list[MatrixInfo]) -> dict[str, Spectrum] | None:
-    """Every matrix's spectrum from the disk cache, or None unless all are there."""
-    found = {}
-    for info in infos:
-        tensors = cache.load(sha256, info.name, CACHE_KIND)
-        if tensors is None or "singular_values" not in tensors:
-            return None
-        s = tensors["singular_values"].numpy()
-        if s.shape != (min(info.shape),):
-            return None
-        entries = None
-        if "entries" in tensors:
-            entries = EntryStats(info.shape[0], info.shape[1], *(float(v) for v in tensors["entries"].tolist()))
-        found[info.name] = Spectrum(info.name, tuple(info.shape), info.role, tuple(info.tied_with), s,
-                                    entries=entries)
-    return found
-
-
 # --------------------------------------------------------------------------------------------------- the map
 
 def _rows(entry: _Entry, settings: Settings) -> list[MatrixReport]:
-    """The analysis rows of one checkpoint at these settings, kept per settings: from spectra kept as such (a Ray
-    map, the disk cache) under the MP null, else from the workspace (which computes what another null needs)."""
-    if settings in entry.rows:
-        return entry.rows[settings]
-    if entry.spectra is not None and (settings.null == "mp" or entry.workspace is None):
-        if settings.null != "mp":
-            raise ValueError(f"the {settings.null} null needs the weights; spectra from a Ray map give the MP null "
-                             "only")
-        rows = [analyze_spectrum(entry.spectra[i.name], settings) for i in entry.infos if i.name in entry.spectra]
-    else:
-        rows = entry.workspace.analyze(settings).matrices
-    entry.rows[settings] = rows
-    while len(entry.rows) > 16:
-        entry.rows.pop(next(iter(entry.rows)))
-    return rows
+    """The analysis rows of one checkpoint at these settings, kept per settings (the workspace computes what a null
+    other than MP needs from the weights)."""
+    if settings not in entry.rows:
+        entry.rows[settings] = entry.workspace.analyze(settings).matrices
+        while len(entry.rows) > 16:
+            entry.rows.pop(next(iter(entry.rows)))
+    return entry.rows[settings]
 
 
 def _local_spectra(points, progress: Progress | None) -> None:
-    """Spectra of each checkpoint in its workspace: from the disk cache when all are there (the entry then keeps
-    them as a Ray map's would be kept), else computed and written there."""
-    cache = default_cache()
+    """Spectra of each checkpoint in its workspace (which reads and writes the disk cache itself)."""
     total = sum(len(entry.infos) for _, _, entry in points)
     done = 0
     for point, _, entry in points:
-        ws = entry.workspace
-        loaded = _load_spectra(cache, entry.sha256, entry.infos) if cache is not None else None
-        if loaded is not None:
-            entry.spectra = loaded
-        else:
-            def within(i: int, n: int, label: str, base=done, step=point.step) -> None:
-                if progress and label:
-                    progress(base + i, total, f"step {step}: {label}")
-            spectra = ws.spectra(within)
-            if cache is not None:
-                _save_spectra(cache, entry.sha256, spectra)
+        def within(i: int, n: int, label: str, base=done, step=point.step) -> None:
+            if progress and label:
+                progress(base + i, total, f"step {step}: {label}")
+        entry.workspace.spectra(within)
         done += len(entry.infos)
     if progress and total:
         progress(total, total, "")
 
 
 def _ray_spectra(points, address: str, progress: Progress | None) -> str:
-    """Spectra of every checkpoint not yet computed, as one Ray map over checkpoint × matrix; returns where the work
-    ran. A checkpoint whose workspace already holds its spectra (an earlier local run) is not sent."""
-    todo = [(stamp, entry) for _, stamp, entry in points if entry.spectra is None]
+    """Spectra of every checkpoint not yet computed (nor in the disk cache), as one Ray map over checkpoint × matrix,
+    adopted by each workspace (so they land in the same caches as a local run's); returns where the work ran."""
+    todo = [entry for _, _, entry in points if entry.workspace.pending()]
     with RayMap(address) as ray_map:
         where = ray_map.describe()
+        todo = [entry for entry in todo if entry.workspace.spectra_from_disk()]
         if todo:
-            found = ray_map.spectra_many([Job(entry.workspace.checkpoint) for _, entry in todo], progress)
-            cache = default_cache()
-            for (stamp, entry), results in zip(todo, found):
-                entry.spectra = {n: r for n, r in results.items() if isinstance(r, Spectrum)}
-                entry.skipped = {n: r for n, r in results.items() if isinstance(r, str)}
-                entry.workspace = None  # rows now come from the cluster's spectra
-                _remember(stamp, entry)
-                if cache is not None:
-                    _save_spectra(cache, entry.sha256, entry.spectra)
+            found = ray_map.spectra_many([Job(e.workspace.checkpoint, tuple(e.workspace.pending())) for e in todo],
+                                         progress)
+            for entry, results in zip(todo, found):
+                entry.workspace.adopt(results)
     return where
 
 
@@ -440,12 +381,10 @@ def trajectory(folder, settings: Settings = Settings(), *, ray: str | None = Non
     start = time.perf_counter()
     points, notes = _discover(folder, root)
     where = "local"
-    if ray is not None:
-        if settings.null != "mp":
-            raise ValueError(f"--ray maps MP spectra; the {settings.null} null runs locally only")
+    if ray is not None:  # the MP spectra on the cluster; what another null needs is computed here from the weights
         where = _ray_spectra(points, ray, progress)
-    else:  # entries without a workspace hold spectra from an earlier Ray run: their rows come from those
-        _local_spectra([p for p in points if p[2].workspace is not None and p[2].spectra is None], progress)
+    else:
+        _local_spectra(points, progress)
     series: dict[str, MatrixSeries] = {}
     alias: dict[str, str] = {}
     for point, _, entry in points:
@@ -459,8 +398,7 @@ def trajectory(folder, settings: Settings = Settings(), *, ray: str | None = Non
             if key not in series:
                 series[key] = MatrixSeries(row.name, row.role, row.rank)
             series[key].add(point.step, row)
-        skipped = entry.skipped if entry.workspace is None else {s["name"]: s["reason"]
-                                                                  for s in entry.workspace.skipped}
+        skipped = {s["name"]: s["reason"] for s in entry.workspace.skipped}
         notes += [f"{point.path}: {name}: {reason}" for name, reason in skipped.items()]
     return Trajectory(str(folder), settings, [p for p, _, _ in points], list(series.values()), notes,
                       time.perf_counter() - start, where)

@@ -244,12 +244,13 @@ class WhatIfSession:
         return WhatIfResult(plan, prune, metrics, self.evaluator.batch, self.kind, timings, label, estimate)
 
     def prepare(self, plan: Plan, progress: Progress | None = None) -> None:
-        """Compute (once, shared) the SVD factors of every matrix the plan truncates, reporting progress."""
-        todo = [name for name, cut in plan.cuts.items() if cut.needs_factors]
+        """Compute (once, shared) the truncation factors of every matrix the plan truncates, reporting progress."""
+        todo = [name for name, cut in plan.cuts.items()
+                if cut.needs_factors and not self.workspace.has_truncation(name)]
         for i, name in enumerate(todo):
             if progress:
                 progress(i, len(todo), name)
-            self.workspace.factors(name)
+            self.workspace.truncation(name)
         if progress and todo:
             progress(len(todo), len(todo), "")
 

@@ -235,19 +235,21 @@ def test_only_matrices_whose_cut_changed_are_rebuilt(session):
 def test_factors_are_computed_only_for_matrices_a_plan_truncates(session):
     workspace, _, pruner = session
     pruner.apply(make_plan(workspace, "none", precision="fp16"))
-    assert workspace._factors == {}
+    assert not any(workspace.has_truncation(i.name) for i in workspace.matrices)
     pruner.apply(make_plan(workspace, "rank", 0.5, scope="attention"))
-    assert set(workspace._factors) == {i.name for i in workspace.matrices if i.role.startswith("attn")}
+    assert {i.name for i in workspace.matrices if workspace.has_truncation(i.name)} == \
+        {i.name for i in workspace.matrices if i.role.startswith("attn")}
 
 
 def test_cached_originals_are_never_mutated(session):
     workspace, runnable, pruner = session
     module_before = {k: v.clone() for k, v in runnable.module.state_dict().items()}
-    factors_before = [t.clone() for t in workspace.factors(FC)]
+    factors_before = [t.clone() for t in (workspace.truncation(FC).S, workspace.truncation(FC).Q)]
     for strategy, value in (("rank", 0.5), ("zero", None), ("random", 1), ("band", 0), ("rank", 0.75)):
         pruner.apply(make_plan(workspace, strategy, value, precision="int8"))
     assert all(torch.equal(v, runnable.module.state_dict()[k]) for k, v in module_before.items())
-    assert all(torch.equal(a, b) for a, b in zip(factors_before, workspace.factors(FC)))
+    after = workspace.truncation(FC)
+    assert all(torch.equal(a, b) for a, b in zip(factors_before, (after.S, after.Q)))
     assert torch.equal(workspace.checkpoint.tensor(FC), module_before[FC])
 
 

@@ -187,7 +187,7 @@ def test_overview_asks_for_the_heads_of_a_bare_state_dict_and_then_runs_it(tmp_p
 
     nanogpt_checkpoint(tmp_path / "bare.pt", with_args=False)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240).run()
-    at.file_uploader(key="uploads").set_value(("bare.pt", (tmp_path / "bare.pt").read_bytes(),
+    at.file_uploader[0].set_value(("bare.pt", (tmp_path / "bare.pt").read_bytes(),
                                                "application/octet-stream"))
     at.run()
     assert not at.exception, [e.value for e in at.exception]
