@@ -93,8 +93,10 @@ def metric_values(page) -> dict[str, str]:
 
 
 def choose(page, key: str, option: str) -> None:
-    page.locator(f".st-key-{key}").click()
+    # typed into the combobox, the list holds only the match: a long one scrolls and re-renders under the click
+    page.locator(f'.st-key-{key} input[role="combobox"]').fill(option)
     page.get_by_role("option", name=option, exact=True).click()
+    page.wait_for_timeout(300)  # the rerun starts after the choice is sent; idle before that is the old run's
     wait_idle(page)
 
 
@@ -188,7 +190,9 @@ def test_a_per_matrix_override_reaches_the_numbers(page, app_url):
     goto_page(page, app_url, "Pruning")
     choose(page, "prune_strategy", "No cut (precision only)")
     before = metric_values(page)
-    page.locator('[data-testid="stExpander"]', has_text="Per-matrix overrides").click()
+    page.locator('[data-testid="stExpander"] summary', has_text="Per-matrix overrides").click()
+    page.locator('.st-key-override_matrix input[role="combobox"]').wait_for(state="visible")
+    page.wait_for_timeout(500)  # the expander's opening animation: a list opened during it closes again
     choose(page, "override_matrix", "tok_emb.weight")
     choose(page, "override_strategy", "Replace by zeros")
     page.locator(".st-key-override_add button").click()

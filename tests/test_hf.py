@@ -373,7 +373,9 @@ from models.contract import NotRunnable
 from models.registry import runnable_model
 from spectral.checkpoint import load_checkpoint
 import transformers.conversion_mapping, transformers.modeling_utils  # imported before timing: seconds of imports
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # this process's own peak: ru_maxrss would carry the parent's peak across fork + exec
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+base = hwm()
 for label, path in json.loads(sys.argv[1]):
     t0 = time.perf_counter()
     try:
@@ -382,7 +384,7 @@ for label, path in json.loads(sys.argv[1]):
     except NotRunnable as e:
         said = str(e)
     print(json.dumps({"label": label, "seconds": time.perf_counter() - t0, "said": said}))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024}))
 """
 
