@@ -437,7 +437,7 @@ class GGUFFile:
     def _build_tokenizer(self):
         if transformers is None or "tokenizer.ggml.tokens" not in self._header.counts:
             return None
-        items = sum(self._header.counts.get(k, 0) for k in TOKENIZER_ARRAYS)
+        items = sum(self._header.counts.get(k, 0) for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
         if items > MAX_TOKENIZER_ITEMS:
             self.notes.append(f"no tokenizer: the vocabulary declares {items:,} tokens and merges, over the bound of "
                               f"{MAX_TOKENIZER_ITEMS:,}")

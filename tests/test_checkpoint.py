@@ -1,4 +1,5 @@
-"""Checkpoint loading (spectral/checkpoint.py): every format, tied tensors, content hashes, and every bad input.
+"""Checkpoint loading (spectral/checkpoint.py): every format (GGUF and healed files included), tied tensors, content
+hashes, and every bad input.
 
 Bad files are written here, byte by byte; the malicious ones would leave a marker file if their payload ran."""
 import hashlib
@@ -9,14 +10,31 @@ import shlex
 import struct
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from spectral import checkpoint as ck
-from spectral.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_bytes, load_checkpoint_files
+from spectral import gguf as spectral_gguf
+from spectral.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_checkpoint_bytes,
+    load_checkpoint_files,
+    open_in_folder,
+)
+from spectral.gguf import GGUF_LIBRARY
+from spectral.heal import LOADER_NOTE, densify
+from spectral.workspace import Workspace
+from tests.test_gguf import _byte_level_vocab as byte_level_vocab
+from tests.test_gguf import _file as gguf_raw
+from tests.test_gguf import _info as gguf_info
+from tests.test_gguf import gaussian, write_gguf
 
 # ------------------------------------------------------------------------------------------------------------ helpers
 
@@ -567,6 +585,200 @@ def test_demo_missing_says_how_to_rebuild_it(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "DEMO_DIR", tmp_path)
     message = refusal(load_checkpoint, "demo")
     assert message.startswith("demo:") and "train_demo.py" in message
+
+
+# ------------------------------------------------------------------------------------------------------------- GGUF
+# Files written by the gguf library's own writer and quantisers (tests/test_gguf.py `write_gguf`); the expected values
+# are the library's own dequantisation of its own quantisation, independent of spectral/gguf.py.
+
+def test_a_gguf_file_opens_as_float32_tensors_with_their_quantisation(tmp_path):
+    source = {"blk.0.w": gaussian((48, 96), 1), "blk.0.b": gaussian((96,), 2)}
+    path = write_gguf(tmp_path / "m.gguf", {"blk.0.w": (source["blk.0.w"], Q.Q8_0), "blk.0.b": (source["blk.0.b"], Q.F32)})
+    c = load_checkpoint(path)
+    assert c.format == "gguf" and c.on_disk and c.files == [str(path)]
+    assert c.names() == ["blk.0.w", "blk.0.b"] and c.shapes == {"blk.0.w": (48, 96), "blk.0.b": (96,)}
+    assert set(c.dtypes.values()) == {"float32"} and c.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    library = gguf.quants.dequantize(gguf.quants.quantize(source["blk.0.w"], Q.Q8_0), Q.Q8_0)
+    np.testing.assert_array_equal(c.tensor("blk.0.w").numpy(), library)
+    np.testing.assert_array_equal(c.tensor("blk.0.b").numpy(), source["blk.0.b"])
+    kind, sigma = c.quantization["blk.0.w"]
+    empirical = np.sqrt(np.mean((library.astype(np.float64) - source["blk.0.w"]) ** 2))
+    assert kind == "Q8_0" and sigma == pytest.approx(empirical, rel=0.15)
+    assert c.quantization["blk.0.b"] == ("F32", 0.0)
+    assert c.tokenizer is not None and c.tokenizer() is None  # the file carries no vocabulary
+    assert c.left_out == {} and all(w.startswith(f"{path}: ") and "\n" not in w for w in c.warnings)
+
+
+def test_a_gguf_reads_the_same_from_a_path_bytes_a_folder_an_upload_set_and_the_server_folder(tmp_path):
+    tensors = {"blk.0.w": (gaussian((16, 64), 3), Q.Q4_1), "blk.0.v": (gaussian((8, 32), 4), Q.F16)}
+    root = tmp_path / "served"
+    (root / "model").mkdir(parents=True)
+    path = write_gguf(root / "model" / "m.gguf", tensors)
+    raw = path.read_bytes()
+    opened = {"path": load_checkpoint(path), "bytes": load_checkpoint_bytes(raw, "m.gguf"),
+              "folder": load_checkpoint(root / "model"), "served": open_in_folder(root, "model/m.gguf"),
+              "set": load_checkpoint_files({"m.gguf": raw, "heldout.txt": b"held out"})}
+    for c in opened.values():
+        assert c.format == "gguf" and c.names() == ["blk.0.w", "blk.0.v"]
+        assert c.quantization == opened["path"].quantization
+        for name in c.names():
+            assert torch.equal(c.tensor(name), opened["path"].tensor(name))
+    assert {k: c.on_disk for k, c in opened.items()} == {"path": True, "bytes": False, "folder": True,
+                                                          "served": True, "set": False}
+    assert opened["bytes"].sha256 == opened["path"].sha256 == opened["served"].sha256
+    assert opened["served"].source == "model/m.gguf" and opened["set"].side_file("heldout.txt") == b"held out"
+    assert ck.list_checkpoints(root) == ["model/m.gguf"]  # a GGUF is offered alone, not its folder
+
+
+def hand_gguf(entries: list[tuple[str, list[int], int, bytes]]) -> bytes:
+    """A GGUF written byte by byte (tests/test_gguf.py `_file`): (name, dims fastest first, ggml type, data), each
+    tensor's data padded to the 32-byte alignment."""
+    infos, data = [], b""
+    for name, dims, qtype, payload in entries:
+        infos.append(gguf_info(name, dims, qtype, len(data)))
+        data += payload + b"\0" * (-len(payload) % 32)
+    return gguf_raw([], infos, data)
+
+
+W_8x32 = np.arange(256, dtype=np.float32).reshape(8, 32) / 256  # 8 rows of 32: a matrix with distinct values
+V_4x32 = np.ones((4, 32), dtype=np.float32)
+
+
+def test_unreadable_gguf_tensors_are_left_out_with_a_warning_and_the_rest_analyses(tmp_path):
+    raw = hand_gguf([("w", [32, 8], 0, W_8x32.tobytes()), ("odd", [32, 2], 99, bytes(256)),
+                     ("q8k", [256], 15, bytes(292)), ("v", [32, 4], 0, V_4x32.tobytes())])
+    c = load_checkpoint_bytes(raw, "odd.gguf")
+    assert c.names() == ["w", "v"] and not c.on_disk
+    assert c.left_out == {"odd": f"type 99: unknown ggml type 99 (not in gguf {GGUF_LIBRARY})",
+                          "q8k": f"Q8_K: gguf {GGUF_LIBRARY} has no dequantiser for Q8_K"}
+    assert "odd.gguf: tensor 'odd' (type 99) left out: unknown ggml type 99" in " ".join(c.warnings)
+    np.testing.assert_array_equal(c.tensor("w").numpy(), W_8x32)
+    analysis = Workspace(c).analyze()
+    assert [r.name for r in analysis.matrices] == ["w", "v"]
+    assert [r.quant for r in analysis.matrices] == ["F32", "F32"]
+
+
+def test_a_gguf_with_no_readable_tensor_is_refused_in_one_line(tmp_path):
+    path = write(tmp_path / "k.gguf", hand_gguf([("q8k", [256, 2], 15, bytes(584))]))
+    assert refusal(load_checkpoint, path) == (f"{path}: no readable tensors: all 1 left out (the first: tensor 'q8k' "
+                                              f"(Q8_K) left out: gguf {GGUF_LIBRARY} has no dequantiser for Q8_K)")
+
+
+def test_a_gguf_upload_keeps_each_float32_copy_within_the_memory_budget(tmp_path, monkeypatch):
+    """Quantised bytes expand (Q4_0: 4.5 bits per weight -> 32): an upload's tensor whose float32 copy would exceed
+    the budget is left out, as the loader bounds what an upload makes it allocate; on disk it is read."""
+    path = write_gguf(tmp_path / "m.gguf", {"big": (gaussian((64, 256), 5), Q.Q4_0),
+                                            "small": (gaussian((8, 32), 6), Q.Q4_0)})
+    monkeypatch.setattr(ck, "MEMORY_BUDGET", 32 << 10)  # 32 KiB: "big" is 64 KiB in float32, 9 KiB stored
+    upload = load_checkpoint_bytes(path.read_bytes(), "m.gguf")
+    assert upload.names() == ["small"] and set(upload.left_out) == {"big"}
+    assert any("'big' (Q4_0) left out" in w and "over the 32.0 KiB budget" in w for w in upload.warnings)
+    assert load_checkpoint(path).names() == ["big", "small"]
+
+
+def test_a_gguf_tokenizer_is_built_lazily_within_the_vocabulary_bound(tmp_path, monkeypatch):
+    tokens = byte_level_vocab() + ["he", "ll", "hell"]
+
+    def metadata(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_merges(["h e", "l l", "he ll"])
+
+    path = write_gguf(tmp_path / "m.gguf", {"w": (gaussian((4, 32)), Q.F32)}, metadata=metadata)
+    assert load_checkpoint(path).tokenizer().encode("hell", add_special_tokens=False).ids == [258]  # the merges'
+    monkeypatch.setattr(spectral_gguf, "MAX_TOKENIZER_ITEMS", 261)  # 259 tokens + 3 merges
+    c = load_checkpoint(path)
+    assert c.tokenizer() is None
+
+
+# ---------------------------------------------------------------------------------------------------- healed files
+# spectral/heal.py `save_healed` stores a cut matrix as NAME.factor_a @ NAME.factor_b; the loader presents NAME dense.
+# The oracle is `spectral.heal.densify`, the heal's own reference (the loader cannot import spectral.heal).
+
+def healed_raw(tensors: dict[str, torch.Tensor], factorised: dict, **extra) -> tuple[bytes, dict[str, str]]:
+    metadata = {"spectra_factorised": json.dumps(factorised), "spectra_loader_note": LOADER_NOTE, **extra}
+    return save(tensors, metadata=metadata), metadata
+
+
+def healed_example() -> tuple[dict[str, torch.Tensor], dict]:
+    g = torch.Generator().manual_seed(7)
+    tensors = {"w.factor_a": torch.randn(8, 3, generator=g), "w.factor_b": torch.randn(3, 5, generator=g),
+               "z.factor_a": torch.zeros(6, 0), "z.factor_b": torch.zeros(0, 4),  # rank 0: a zero matrix
+               "k.factor_a": torch.randn(4, 2, generator=g), "k.factor_b": torch.randn(2, 18, generator=g),
+               "ln.weight": torch.ones(5)}
+    factorised = {"w": {"a": "w.factor_a", "b": "w.factor_b", "shape": [8, 5], "rank": 3, "dtype": "float32",
+                        "tied_with": ["w_alias"]},
+                  "z": {"a": "z.factor_a", "b": "z.factor_b", "shape": [6, 4], "rank": 0, "dtype": "float32",
+                        "tied_with": []},
+                  "k": {"a": "k.factor_a", "b": "k.factor_b", "shape": [4, 2, 3, 3], "rank": 2, "dtype": "float32",
+                        "tied_with": []}}  # a conv kernel, cut in its out x in*kh*kw view
+    return tensors, factorised
+
+
+def test_a_healed_file_presents_its_factorised_matrices_dense(tmp_path):
+    tensors, factorised = healed_example()
+    raw, metadata = healed_raw(tensors, factorised, other="kept")
+    path = write(tmp_path / "healed.safetensors", raw)
+    reference = densify(tensors, metadata)
+    for c in (load_checkpoint(path), load_checkpoint_bytes(raw, "healed.safetensors")):
+        assert sorted(c.names()) == sorted(reference) == ["k", "ln.weight", "w", "w_alias", "z"]
+        for name, expected in reference.items():
+            assert c.shapes[name] == tuple(expected.shape) and c.dtypes[name] == "float32"
+            assert torch.equal(c.tensor(name), expected), name
+        assert c.tied_groups == [("w", "w_alias")]
+        assert "spectra_factorised" not in c.metadata and c.metadata["other"] == "kept"
+        assert c.metadata["spectra_loader_note"] == LOADER_NOTE
+
+
+def _huge_rank_zero(t: dict, f: dict) -> None:
+    """Rank-0 factors hold no bytes, so nothing in the file backs the size they claim."""
+    t["z.factor_a"], t["z.factor_b"] = torch.zeros(100_000, 0), torch.zeros(0, 100_000)
+    f["z"]["shape"] = [100_000, 100_000]
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda t, f: f["w"].update(a="missing.factor_a"), "names factors 'missing.factor_a' and 'w.factor_b'"),
+    (lambda t, f: f["w"].update(shape=[8, 6]), "do not multiply into shape [8, 6]"),
+    (_huge_rank_zero, "37.3 GiB as a dense float32 tensor, over the 1.0 GiB budget"),
+    (lambda t, f: f["z"].update(a="w.factor_a", b="w.factor_b", shape=[8, 5]), "reuses a factor"),
+    (lambda t, f: f["w"].update(tied_with=["ln.weight"]), "'ln.weight' is both a stored tensor"),
+    (lambda t, f: f["w"].update(tied_with="w_alias"), "not a list of names"),
+    (lambda t, f: f.update(w=[1, 2]), "entry 'w' is not an object"),
+    (lambda t, f: t.update({"w.factor_a": torch.ones(8, 3, dtype=torch.int32)}), "not floating point"),
+])
+def test_a_healed_file_whose_factorisation_does_not_hold_is_refused_in_one_line(tmp_path, change, words):
+    tensors, factorised = healed_example()
+    change(tensors, factorised)
+    raw, _ = healed_raw(tensors, factorised)
+    message = refusal(load_checkpoint_bytes, raw, "healed.safetensors")
+    assert message.startswith("healed.safetensors: metadata 'spectra_factorised': ") and words in message
+
+
+# --------------------------------------------------------------------------------------------- on disk, side files
+
+def test_on_disk_says_whether_every_tensor_is_read_from_the_files(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(small_state(), str(path))
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(small_state(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    assert load_checkpoint(path).on_disk and load_checkpoint(folder).on_disk
+    assert open_in_folder(tmp_path, "hf/").on_disk
+    assert not load_checkpoint_bytes(path.read_bytes(), "m.safetensors").on_disk
+    assert not load_checkpoint_files({"model.safetensors": path.read_bytes(), "config.json": b"{}"}).on_disk
+
+
+def test_an_uploaded_image_processor_config_stays_with_the_weights_and_in_the_hash(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(small_state(), str(path))
+    files = {"model.safetensors": path.read_bytes(), "config.json": b"{}"}
+    processor = json.dumps({"image_mean": [0.5] * 3}).encode()
+    plain = load_checkpoint_files(files)
+    with_processor = load_checkpoint_files({**files, "preprocessor_config.json": processor})
+    assert with_processor.side_file("preprocessor_config.json") == processor
+    assert plain.side_file("preprocessor_config.json") is None and plain.sha256 != with_processor.sha256
 
 
 # -------------------------------------------------------------------------------------------------------- bad input

@@ -26,11 +26,15 @@ TEST_ARCH = "spectra-test"  # an architecture transformers does not know: GGUF n
 def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, Q]], *, arch: str = TEST_ARCH,
                metadata=None) -> Path:
     """A GGUF file from float32 arrays (PyTorch orientation), each stored as the given type by the library's writer
-    and quantiser; `metadata(writer)` adds keys."""
+    and quantiser; a uint8 array is stored as it is, as blocks of the given type (one the library cannot quantise);
+    `metadata(writer)` adds keys."""
     writer = gguf.GGUFWriter(str(path), arch)
     if metadata is not None:
         metadata(writer)
     for name, (values, qtype) in tensors.items():
+        if values.dtype == np.uint8:
+            writer.add_tensor(name, values, raw_dtype=qtype)
+            continue
         values = np.ascontiguousarray(values, dtype=np.float32)
         if qtype == Q.F32:
             writer.add_tensor(name, values)

@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from spectral import checkpoint as ck
-from spectral.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, open_in_folder
+from spectral.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_checkpoint_bytes,
+    load_checkpoint_files,
+    open_in_folder,
+)
+from spectral.cli import main
+from tests.test_gguf import HOSTILE as GGUF_HOSTILE
 
 SECRET = "root:*:20228:0:99999:7:::"  # what /etc/shadow starts with, in a file outside the server folder
 
@@ -535,6 +544,46 @@ def test_the_tensor_bound_is_checked_before_the_header_is_parsed(monkeypatch):
         refusal(ck.load_checkpoint_bytes, data, "up.safetensors")
 
 
+# ------------------------------------------------------------------------------------------------ GGUF headers
+# tests/test_gguf.py's hostile headers (each a one-line GGUFError from spectral.gguf) reach every entry of the loader
+# as one CheckpointError line naming the file as that entry names it, and the command line as exit 3.
+
+def gguf_words(case: str) -> str:
+    """What the loader's refusal of a tests/test_gguf.py hostile case says (a .gguf file without the GGUF magic is not
+    GGUF to the loader, nor anything else)."""
+    return "not a checkpoint: no safetensors header, zip, pickle or GGUF signature" if case == "wrong magic" \
+        else GGUF_HOSTILE[case][1]
+
+
+@pytest.mark.parametrize("case", list(GGUF_HOSTILE))
+def test_a_hostile_gguf_is_one_line_as_a_path_an_upload_and_in_the_server_folder(server, case):
+    root, _ = server
+    raw = GGUF_HOSTILE[case][0]
+    (root / "inside").mkdir()
+    path = root / "inside" / "bad.gguf"
+    path.write_bytes(raw)
+    by_entry = {f"{path}: ": refusal(load_checkpoint, path),
+                "bad.gguf: ": refusal(load_checkpoint_bytes, raw, "bad.gguf"),
+                "upload.gguf: ": refusal(load_checkpoint_files, {"upload.gguf": raw, "heldout.txt": b"text"}),
+                "inside/bad.gguf: ": refusal(open_in_folder, root, "inside/bad.gguf"),
+                "inside/bad.gguf:": refusal(open_in_folder, root, "inside/")}
+    for prefix, message in by_entry.items():
+        assert message.startswith(prefix) and gguf_words(case) in message, message
+        assert len(message) < 400
+    for message in list(by_entry.values())[3:]:
+        assert_no_leak(message, root)
+
+
+@pytest.mark.parametrize("case", ["absurd tensor count", "array of 2^50 items", "data truncated", "duplicate 60 KB key"])
+def test_a_hostile_gguf_exits_3_from_the_command_line(tmp_path, capsys, case):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(GGUF_HOSTILE[case][0])
+    for command in (["analyze", str(path)], ["prune", str(path), "--strategy", "energy"]):
+        assert main(command) == 3
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: ") and gguf_words(case) in err and err.count("\n") == 1
+
+
 # ------------------------------------------------------------------------------ all of them, in a fresh process
 
 CHILD = r"""
@@ -594,6 +643,9 @@ def test_every_hostile_input_is_refused_within_memory_and_time(tmp_path):
     expected = {name: text for name, (_, text) in HOSTILE.items()}
     expected.update({"deep-config": "nested too deeply", "wide-config": "over the 1.0 GiB budget",
                      "huge-index": "too many tensors: 600,000", "worst-pickle.pt": "loaded"})
+    for i, case in enumerate(GGUF_HOSTILE):
+        (files / f"hostile-{i}.gguf").write_bytes(GGUF_HOSTILE[case][0])
+        expected[f"hostile-{i}.gguf"] = gguf_words(case)
 
     def cap_memory():  # if a defence failed, fail the child, not the machine
         import resource
