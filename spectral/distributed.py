@@ -164,10 +164,11 @@ class RayMap:
                              dashboard_host="127.0.0.1", dashboard_port=_free_port() if dashboard else None,
                              **options)
                 else:
+                    _check_reachable(self.address)
                     ray.init(address=self.address, **options)
             except Exception as e:  # noqa: BLE001 - any failure to reach the cluster is one line for the user
                 hint = ""
-                if self.address != "local" and "RAY_AUTH_MODE" not in os.environ:  # Ray enables no token by itself
+                if self.address != "local" and "RAY_AUTH_MODE" not in os.environ and not isinstance(e, ConnectionError):  # Ray enables no token by itself
                     hint = ("; a cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token and its "
                             "token (`ray get-auth-token`) in this environment")
                 raise DistributedError(f"cannot use the Ray cluster at {self.address}: {_first_line(e)}{hint}") from None
@@ -487,6 +488,19 @@ def _cost(info: MatrixInfo) -> float:
 
 def _tuple(infos: Sequence[MatrixInfo] | None) -> tuple[MatrixInfo, ...] | None:
     return None if infos is None else tuple(infos)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a host:port address (ray.init retries the GCS for a
+    long time); ray:// client addresses and "auto" are left to Ray."""
+    if "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"nothing answers at {address} ({e.strerror or e})") from None
 
 
 def _free_port() -> int:

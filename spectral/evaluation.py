@@ -29,6 +29,8 @@ from pydoc_data.topics import topics
 
 import torch
 
+from spectral.lowrank import LowRankWeight
+
 DEFAULT_POSITIONS = 2048  # predicted positions in the evaluation batch (issue 4: at least 2,000 for the demo)
 DEFAULT_SEQUENCE = 128  # tokens per evaluation sequence when the model allows it
 DEFAULT_SENTENCES = 64  # encoders: evaluation sentences (nearest-neighbour agreement is among these)
@@ -109,8 +111,9 @@ def sample_batch(runnable, *, positions: int = DEFAULT_POSITIONS, length: int | 
     n = max(1, math.ceil(positions / length))
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, runnable.vocab_size, (n, 1), generator=g)
+    device = module_device(runnable)
     for _ in range(length - 1):
-        logits = _last_logits(runnable, ids)
+        logits = _last_logits(runnable, ids.to(device)).cpu()  # sampled on the CPU: the same tokens on any device
         probs = torch.softmax(logits.double() / temperature, dim=-1)
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], dim=1)
     return EvalBatch(ids, None, "sampled", f"{n} sequences of {length} tokens sampled from the model, seed {seed}")
@@ -248,6 +251,20 @@ class EvalMetrics:
     perplexity_se: float | None = None
 
 
+def module_device(runnable) -> torch.device:
+    """The device of a runnable's parameters (the CPU for a module without any)."""
+    module = getattr(runnable, "module", None)
+    first = None if module is None else next(module.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def to_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A cut matrix on `device`, a factorised one kept factorised (spectral/lowrank.py)."""
+    if isinstance(value, LowRankWeight):
+        return LowRankWeight(value.left.to(device), value.right.to(device))
+    return value.to(device)
+
+
 @dataclass
 class _Reference:
     """The untouched model on one part of the batch: every stage's input, and its outputs (kept, or recomputed from
@@ -367,6 +384,7 @@ class Evaluator:
                  keep_bytes: int = KEEP_REFERENCE_BYTES, lazy: bool = False):
         self.runnable = runnable
         self.batch = batch
+        self.device = module_device(runnable)  # inputs and cut matrices go where the model is (spectral/runtime.py)
         start = time.perf_counter()
         n = batch.sequences
         per_row = max(1, batch.positions // max(n, 1))
@@ -441,9 +459,17 @@ class Evaluator:
             x = stage.run(overrides, x)
         return x
 
+    def _on_device(self, overrides: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The cut matrices where the model is (the pruner makes them on the CPU); the CPU passes them through."""
+        if self.device.type == "cpu" or not overrides:
+            return overrides
+        return {name: to_device(value, self.device) for name, value in overrides.items()}
+
     @torch.inference_mode()
     def _reference(self, rows: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor | None) -> _Reference:
         keep: list = []
+        ids = ids.to(self.device)
+        targets = None if targets is None else targets.to(self.device)
         out = self._run_stages({}, 0, ids, keep) if self.runnable.stages else self.runnable.forward(ids)
         if self.kind == "encoder":
             return _Reference(rows, ids, targets, keep, out, None, None, None)
@@ -503,6 +529,7 @@ class Evaluator:
         """(outputs of the cut model over the whole batch, first stage re-run); untouched stages come from the
         cached activations."""
         start = self.start_stage(overrides)
+        overrides = self._on_device(overrides)
         return torch.cat([self._outputs(p, overrides, start) for p in self.parts]), start
 
     @torch.inference_mode()
@@ -546,6 +573,7 @@ class Evaluator:
         t0 = time.perf_counter()
         overrides = overrides or {}
         start = self.start_stage(overrides)
+        overrides = self._on_device(overrides)
         if self.kind == "encoder":
             out = torch.cat([self._outputs(p, overrides, start) for p in self.parts])
             return self.compare(out, start_stage=start, seconds=time.perf_counter() - t0)
@@ -571,6 +599,7 @@ class Evaluator:
         t0 = time.perf_counter()
         overrides = overrides or {}
         start = self.start_stage(overrides)
+        overrides = self._on_device(overrides)
         m = self._position_metrics(part, self._outputs(part, overrides, start))
         n_seq = part.input_ids.shape[0]
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from models.contract import Need, NotRunnable, Runnable
 from models.registry import runnable_model
+from spectral.devices import CPU, Device
 from spectral.evaluation import DEFAULT_POSITIONS, EvalBatch, Evaluator, make_eval_batch
 from spectral.workspace import Workspace
 
@@ -49,11 +50,15 @@ class ModelRuntime:
     elsewhere, e.g. with a custom config in a test); otherwise it is built on first use by `models.registry`."""
 
     def __init__(self, workspace: Workspace, runnable: Runnable | None = None,
-                 hyperparameters: Mapping[str, float | int] | None = None):
+                 hyperparameters: Mapping[str, float | int] | None = None, device: Device = CPU):
         self.workspace = workspace
         self.hyperparameters: dict = dict(hyperparameters or {})
-        self.lock = threading.RLock()  # held for every forward pass on the shared model
+        self.device = device  # where the model, its evaluation batches and the cut matrices live
+        self.lock = threading.RLock()  # held for every forward pass on the shared model (and each prefetched matrix)
         self.generation = 0
+        self._prefetch: threading.Thread | None = None
+        self._prefetch_done = self._prefetch_total = 0
+        self._prefetch_stop = threading.Event()
         self._build_lock = threading.Lock()
         self._built = runnable is not None
         self._runnable = runnable
@@ -62,9 +67,12 @@ class ModelRuntime:
         self._evaluators: OrderedDict[tuple, Evaluator] = OrderedDict()
 
     @classmethod
-    def open(cls, source, *, hyperparameters: Mapping | None = None) -> ModelRuntime:
-        """A runtime for a `Workspace`, a `Checkpoint`, a path or "demo"."""
-        return cls(Workspace.open(source), hyperparameters=hyperparameters)
+    def open(cls, source, *, hyperparameters: Mapping | None = None, mapper=None,
+             device: Device = CPU) -> ModelRuntime:
+        """A runtime for a `Workspace`, a `Checkpoint`, a path or "demo"; `mapper` (a RayMap) computes the spectra,
+        `device` holds the model and computes local spectra."""
+        return cls(Workspace.open(source, mapper=mapper, device=device), hyperparameters=hyperparameters,
+                   device=device)
 
     # ------------------------------------------------------------------------------------------------ the model
 
@@ -73,8 +81,8 @@ class ModelRuntime:
             if self._built:
                 return
             try:
-                self._runnable = runnable_model(self.workspace.checkpoint,
-                                                config_overrides=self.hyperparameters or None)
+                self._runnable = self._placed(runnable_model(self.workspace.checkpoint,
+                                                             config_overrides=self.hyperparameters or None))
             except NotRunnable as exc:
                 self._why_not, self._needs = exc.reason, exc.needs
             except Exception as exc:  # noqa: BLE001 - an adapter failure is one line, never a crash of the caller
@@ -105,6 +113,12 @@ class ModelRuntime:
         runnable = self.runnable
         return None if runnable is None else runnable.kind
 
+    def _placed(self, runnable: Runnable) -> Runnable:
+        """The runnable with its module on this runtime's device (the CPU leaves it as built)."""
+        if self.device != CPU:
+            runnable.module.to(self.device.torch_device)
+        return runnable
+
     def require(self) -> Runnable:
         """The runnable model, or `NotRunnable` with the reason."""
         runnable = self.runnable
@@ -117,7 +131,7 @@ class ModelRuntime:
         is discarded and `generation` moves on. Raises `NotRunnable` (one line) when they do not make it run."""
         merged = {**self.hyperparameters, **values}
         try:
-            runnable = runnable_model(self.workspace.checkpoint, config_overrides=merged)
+            runnable = self._placed(runnable_model(self.workspace.checkpoint, config_overrides=merged))
         except NotRunnable:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a head count that does not divide the width
@@ -147,6 +161,37 @@ class ModelRuntime:
             while len(self._evaluators) > MAX_EVALUATORS:
                 self._evaluators.popitem(last=False)
             return evaluator
+
+    # ------------------------------------------------------------------------------------------ background work
+
+    def start_prefetch(self, names=None) -> None:
+        """Compute the truncation factors of every matrix (or `names`) in a background thread, in model order, one
+        matrix at a time under the forward lock: a slider move's evaluation never shares the cores with it, and a
+        move that needs a matrix not reached yet computes it at once. Idempotent; `prefetch_progress` follows it."""
+        if self._prefetch is not None and self._prefetch.is_alive():
+            return
+        order = [m.name for m in self.workspace.matrices] if names is None else list(names)
+        self._prefetch_total = len(order)
+
+        def work() -> None:
+            for i, name in enumerate(order):
+                if self._prefetch_stop.is_set():
+                    return
+                with self.lock:
+                    self.workspace.truncation(name)
+                self._prefetch_done = i + 1
+
+        self._prefetch_done = 0
+        self._prefetch = threading.Thread(target=work, name="prefetch-factors", daemon=True)
+        self._prefetch.start()
+
+    @property
+    def prefetch_progress(self) -> tuple[int, int]:
+        """(matrices whose factors are ready, matrices to do) of the background work; (0, 0) before it starts."""
+        return (self._prefetch_done, self._prefetch_total)
+
+    def stop_prefetch(self) -> None:
+        self._prefetch_stop.set()
 
     def evaluator_for(self, batch: EvalBatch) -> Evaluator:
         """An evaluator on a batch made elsewhere (a calibration split, a notebook's tokens); not cached."""

@@ -117,13 +117,13 @@ class Workspace:
         self._lock = threading.RLock()
 
     @classmethod
-    def open(cls, source) -> Workspace:
-        """A workspace for a `Checkpoint`, a path or the word "demo"."""
+    def open(cls, source, *, mapper=None, device: Device = CPU) -> Workspace:
+        """A workspace for a `Checkpoint`, a path or the word "demo" (a `Workspace` is returned as it is)."""
         if isinstance(source, Workspace):
             return source
         if not isinstance(source, Checkpoint):
             source = load_checkpoint(str(source) if isinstance(source, Path) else source)
-        return cls(source)
+        return cls(source, mapper=mapper, device=device)
 
     def info(self, name: str) -> MatrixInfo:
         """The matrix called `name` (or tied to it)."""
@@ -179,7 +179,8 @@ class Workspace:
                     continue
                 quant, quant_sigma = self._quantization(self.info(name))
                 self._spectra[name] = dataclasses.replace(found, quant=quant, quant_sigma=quant_sigma)
-                if save and self.cache is not None:
+                if save and self.cache is not None and self.device.dtype == torch.float64:  # float32 GPU
+                    # results stay out of the cache, which holds the float64 route's singular values
                     self.cache.save(self.checkpoint.sha256, name, SPECTRUM_ENTRY, _spectrum_tensors(found))
 
     def _from_disk(self, infos: list[MatrixInfo]) -> dict[str, Spectrum]:
@@ -188,7 +189,8 @@ class Workspace:
         found = {}
         for info in infos:
             stored = self.cache.load(self.checkpoint.sha256, info.name, SPECTRUM_ENTRY)
-            if stored is not None and int(stored["s"].numel()) == min(info.shape):
+            s = None if stored is None else stored.get("s")  # an entry of another layout counts as absent
+            if s is not None and s.ndim == 1 and s.dtype == torch.float64 and int(s.numel()) == min(info.shape):
                 found[info.name] = _spectrum_from(stored, info)
         return found
 
@@ -243,7 +245,8 @@ class Workspace:
             if found is not None:
                 return found
             stored = self.cache.load(self.checkpoint.sha256, info.name, FACTORS_ENTRY) if self.cache else None
-            if stored is not None and int(stored["S"].numel()) == min(info.shape):
+            if stored is not None and {"S", "Q", "left"} <= set(stored) and \
+                    int(stored["S"].numel()) == min(info.shape) and stored["Q"].ndim == 2:
                 found = Factors(stored["S"], stored["Q"], bool(stored["left"].item()))
             else:
                 found = truncation_factors(self.weight(info.name), progress)
@@ -297,7 +300,7 @@ class Workspace:
 
 def _spectrum_tensors(spectrum: Spectrum) -> dict[str, torch.Tensor]:
     """What the disk cache keeps of a spectrum: the singular values and the entry statistics."""
-    out = {"s": torch.from_numpy(np.ascontiguousarray(spectrum.singular_values, dtype=np.float64))}
+    out = {"s": torch.from_numpy(np.array(spectrum.singular_values, dtype=np.float64))}  # a copy: writable
     e = spectrum.entries
     if e is not None:
         out["entries"] = torch.tensor([e.rows, e.cols, e.mean_square, e.row_cv, e.col_cv, e.row_spread,

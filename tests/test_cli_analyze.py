@@ -137,3 +137,44 @@ def test_nulls_command_writes_per_role_counts_under_each_null(small_checkpoint, 
     assert doc["totals"]["matrices"] == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["nulls", str(small_checkpoint), "--nulls", "mp,nope"])
+
+
+def test_analyze_takes_several_checkpoints_and_folders_of_them(small_checkpoint, tmp_path):
+    """Issue 14: CKPT... or a folder of checkpoints; JSON lines on stdout, one list with --json; a file that cannot
+    be read is reported in one line, the others still analysed, and the exit code says 3."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for step in (10, 20):
+        state = {"blocks.0.mlp.c_fc.weight": torch.from_numpy(spiked(512, 128, [2.0 + step / 10], seed=step)).float()}
+        save_file(state, str(run_dir / f"step-{step}.safetensors"))
+    (run_dir / "step-30.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    done = run_cli("analyze", run_dir, small_checkpoint)
+    assert done.returncode == 3
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in done.stderr.splitlines() if "step-30.safetensors" in line and line.startswith("error:")]
+    documents = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [d["checkpoint"]["path"] for d in documents] == [str(run_dir / "step-10.safetensors"),
+                                                           str(run_dir / "step-20.safetensors"), str(small_checkpoint)]
+    single = json.loads(run_cli("analyze", run_dir / "step-20.safetensors").stdout)
+    for key in ("n_signal", "sigma", "energy_rank"):
+        assert documents[1]["matrices"][0][key] == single["matrices"][0][key]
+    assert documents[0]["matrices"][0]["n_signal"] >= 1  # each file's own planted spike, not the other's
+    out = tmp_path / "all.json"
+    assert run_cli("analyze", run_dir / "step-10.safetensors", small_checkpoint, "--json", out).returncode == 0
+    assert [d["checkpoint"]["sha256"] for d in json.loads(out.read_text())] == [documents[0]["checkpoint"]["sha256"],
+                                                                               documents[2]["checkpoint"]["sha256"]]
+    refused = run_cli("analyze", run_dir, small_checkpoint, "--csv", tmp_path / "x.csv")
+    assert refused.returncode == 2 and "--csv writes one checkpoint's table" in refused.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("analyze", empty).returncode == 2
+
+
+def test_analyze_device_and_ray_errors_are_one_line(small_checkpoint):
+    for args, words in ((["--device", "cuda"], "--device cuda: no CUDA GPU available"),
+                        (["--ray", "127.0.0.1:9"], "nothing answers at 127.0.0.1:9")):
+        done = run_cli("analyze", small_checkpoint, *args)
+        assert done.returncode == 2 and words in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    local = json.loads(run_cli("analyze", small_checkpoint, "--device", "cpu").stdout)
+    auto = json.loads(run_cli("analyze", small_checkpoint, "--device", "auto").stdout)  # no GPU here: the CPU route
+    assert [m["n_signal"] for m in local["matrices"]] == [m["n_signal"] for m in auto["matrices"]]

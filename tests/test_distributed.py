@@ -421,3 +421,65 @@ def test_nulls_on_the_cluster_equal_the_local_ones(cluster, tmp_path):
         assert_same_spectra(cluster.null_spectra(checkpoint, plain.values(), null), local)  # the null added later
     with pytest.raises(ValueError, match="unknown null"):
         cluster.spectra(checkpoint, null="gaussian")
+
+
+# ------------------------------------------------------------------------------------ the command line (--ray)
+
+def perturbed_demo_files(folder: Path, seeds) -> list[Path]:
+    """Copies of the demo with one matrix shifted per seed: distinct checkpoints (and sha256) of the same model."""
+    demo = load_checkpoint("demo")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in seeds:
+        state = {name: demo.tensor(name).clone() for name in demo.names()}
+        state["blocks.1.mlp.c_proj.weight"] += 0.003 * seed
+        paths.append(folder / f"step-{seed:04d}.safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(paths[-1]))
+    return paths
+
+
+def spectra_tasks() -> int:
+    """Spectra tasks the cluster has run so far (Ray's state API; task events arrive within a second)."""
+    time.sleep(1.5)
+    return len(ray.util.state.list_tasks(filters=[("name", "=", TASK_NAME)], limit=10_000,
+                                         raise_on_missing_output=False))
+
+
+@pytest.mark.slow
+@needs_ray
+def test_analyze_maps_a_folder_of_checkpoints_on_the_cluster_like_the_local_run(cluster, tmp_path, capsys):
+    from spectral.cli import main
+
+    paths = perturbed_demo_files(tmp_path / "run", (101, 102, 103))
+    before = spectra_tasks()
+    out = tmp_path / "all.json"
+    assert main(["analyze", str(tmp_path / "run"), "--ray", cluster.address, "--json", str(out)]) == 0
+    assert spectra_tasks() > before  # the spectra were computed on the cluster, not here
+    documents = json.loads(out.read_text())
+    assert [d["checkpoint"]["path"] for d in documents] == [str(p) for p in paths]
+    for doc, path in zip(documents, paths):
+        local = json.loads(Workspace(load_checkpoint(path), cache=None).analyze().to_json())
+        doc["summary"].pop("seconds"), local["summary"].pop("seconds")
+        assert_same(doc, local, str(path), exact=False)
+    assert "## " in capsys.readouterr().out  # with --json, one table per checkpoint on stdout
+
+
+@pytest.mark.slow
+@needs_ray
+def test_prune_and_nulls_take_the_cluster_for_their_spectra(cluster, tmp_path, capsys):
+    from spectral.cli import main
+
+    from spectral.checkpoint import DEMO_DIR
+
+    path = tmp_path / "model"  # the demo's folder (config, tokenizer, held-out text) with changed weights
+    shutil.copytree(DEMO_DIR, path, ignore=shutil.ignore_patterns("trajectory", "model.safetensors"))
+    perturbed_demo_files(tmp_path, (201,))[0].rename(path / "model.safetensors")
+    before = spectra_tasks()
+    assert main(["prune", str(path), "--strategy", "mp", "--ray", cluster.address, "--positions", "256",
+                 "--json", str(tmp_path / "p.json")]) == 0
+    assert spectra_tasks() > before
+    remote = json.loads((tmp_path / "p.json").read_text())
+    assert main(["prune", str(path), "--strategy", "mp", "--positions", "256", "--json", str(tmp_path / "l.json")]) == 0
+    local = json.loads((tmp_path / "l.json").read_text())
+    assert (remote["agreement"], remote["kl"], remote["params_after"]) == (local["agreement"], local["kl"],
+                                                                           local["params_after"])

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from spectral.devices import CPU, DEVICES, Device, DeviceError, resolve_device
+from spectral.distributed import DistributedError, RayMap
 
 
 class UsageError(Exception):
@@ -15,6 +21,49 @@ class UsageError(Exception):
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT",
                         help="a .safetensors/.pt/.pth/.bin file, a Hugging Face folder, or the word 'demo'")
+
+
+def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--ray [ADDRESS]` and `--device` for every command that computes spectra (issue 14)."""
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="compute the spectra as tasks on a Ray cluster: host:port or ray://host:port, 'local' "
+                             "for a throwaway cluster on this machine; without ADDRESS, $RAY_ADDRESS "
+                             '(needs pip install "ray[default]")')
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where singular values and forward passes run: cpu (default; float64 spectra), cuda, "
+                             "or auto (cuda when present); on GPUs without full-rate FP64 the spectra are float32 "
+                             "and not cached")
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where a command's work runs: the Ray map (None: here) and the local device."""
+
+    mapper: RayMap | None
+    device: Device
+
+    def describe(self) -> str:
+        return self.mapper.describe() if self.mapper is not None else f"this machine, {self.device.describe()}"
+
+
+@contextmanager
+def compute_of(args: argparse.Namespace) -> Iterator[Compute]:
+    """The Ray map and device the options ask for, closed (a local cluster stopped) when the command ends; a cluster
+    that cannot be reached or a device that is absent is a usage error."""
+    try:
+        device = resolve_device(getattr(args, "device", "cpu"))
+        ray = getattr(args, "ray", None)
+        mapper = None if ray is None else RayMap(ray or None, device=getattr(args, "device", "cpu"))
+    except (DeviceError, DistributedError) as e:
+        raise UsageError(str(e)) from None
+    try:
+        yield Compute(mapper, device)
+    finally:
+        if mapper is not None:
+            mapper.close()
+
+
+LOCAL = Compute(None, CPU)
 
 
 def probability(text: str) -> float:

@@ -12,7 +12,14 @@ import sys
 
 from models.contract import NotRunnable
 from spectral.analysis import Settings
-from spectral.commands.common import StderrProgress, UsageError, probability, write_text
+from spectral.commands.common import (
+    StderrProgress,
+    UsageError,
+    add_compute_arguments,
+    compute_of,
+    probability,
+    write_text,
+)
 from spectral.compare import CompareError, Comparison, compare, evaluate_pair, open_pair
 from spectral.evaluation import EvaluationError
 from spectral.noise import ESTIMATORS
@@ -31,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--confidence", type=probability, default=0.99, help="TW confidence of the edges (default 0.99)")
     p.add_argument("--energy", type=probability, default=0.999, help="energy kept by the energy rank (default 0.999)")
     p.add_argument("--json", metavar="PATH", help="write the JSON here (default: stdout)")
+    add_compute_arguments(p)
     p.add_argument("--evaluate", action="store_true", help="also run B's weights in A's model on A's evaluation "
                                                            "batch: agreement and KL of B against A")
     p.set_defaults(run=run)
@@ -57,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         a, b = open_pair(args.a, args.b)
         progress = StderrProgress("compare")
-        wa, wb = Workspace(a), Workspace(b)
-        result = compare(wa, wb, settings, progress=progress)
+        with compute_of(args) as where:
+            wa = Workspace(a, mapper=where.mapper, device=where.device)
+            wb = Workspace(b, mapper=where.mapper, device=where.device)
+            result = compare(wa, wb, settings, progress=progress)
         progress.close()
     except CompareError as exc:
         raise UsageError(str(exc)) from None

@@ -7,7 +7,14 @@ import json
 import sys
 
 from spectral.analysis import Settings
-from spectral.commands.common import StderrProgress, add_checkpoint_argument, probability, write_text
+from spectral.commands.common import (
+    StderrProgress,
+    add_checkpoint_argument,
+    add_compute_arguments,
+    compute_of,
+    probability,
+    write_text,
+)
 from spectral.noise import ESTIMATORS
 from spectral.nulls import DEFAULT_SHUFFLES, NULLS
 from spectral.research.nulls import nulls
@@ -33,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--estimator", choices=list(ESTIMATORS), default="bema", help="noise σ estimator")
     p.add_argument("--confidence", type=probability, default=0.99, help="TW confidence of the edges")
     p.add_argument("--energy", type=probability, default=0.999, help="energy kept by the energy rank")
+    add_compute_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -61,10 +69,11 @@ def summary(doc: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings(estimator=args.estimator, confidence=args.confidence, energy=args.energy)
-    workspace = Workspace.open(args.checkpoint)
     progress = StderrProgress("nulls")
     try:
-        result = nulls(workspace, settings, which=args.nulls, progress=progress)
+        with compute_of(args) as compute:
+            workspace = Workspace.open(args.checkpoint, mapper=compute.mapper, device=compute.device)
+            result = nulls(workspace, settings, which=args.nulls, progress=progress)
     finally:
         progress.close()
     for item in workspace.skipped:

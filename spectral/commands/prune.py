@@ -14,7 +14,16 @@ from pathlib import Path
 
 from spectral.analysis import Settings
 from spectral.checkpoint import CheckpointError
-from spectral.commands.common import StderrProgress, UsageError, add_checkpoint_argument, write_text
+from spectral.commands.common import (
+    LOCAL,
+    Compute,
+    StderrProgress,
+    UsageError,
+    add_checkpoint_argument,
+    add_compute_arguments,
+    compute_of,
+    write_text,
+)
 from spectral.evaluation import DEFAULT_POSITIONS, EvaluationError
 from spectral.heal import DEFAULT_LR, HEAL_MODES, HEAL_TRAIN, HealConfig, HealError, heal, save_healed
 from spectral.noise import ESTIMATORS
@@ -37,6 +46,7 @@ def register(sub) -> None:
     p = sub.add_parser("prune", help="cut weight matrices and measure agreement, KL and perplexity",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_argument(p)
+    add_compute_arguments(p)
     p.add_argument("--strategy", choices=list(STRATEGIES), help="how each matrix is cut (required unless --reference)")
     p.add_argument("--value", type=float, help="the strategy's threshold (see below for defaults)")
     p.add_argument("--scope", choices=list(SCOPES), default="all", help="which matrices are cut (default all)")
@@ -94,7 +104,7 @@ def parse_override(text: str) -> tuple[str, str, float | None]:
     return name, strategy, parsed
 
 
-def open_session(args: argparse.Namespace) -> WhatIfSession:
+def open_session(args: argparse.Namespace, compute: Compute = LOCAL) -> WhatIfSession:
     """The checkpoint's runtime and a what-if session on the evaluation batch the options describe."""
     text = None
     if args.text is not None:
@@ -102,7 +112,8 @@ def open_session(args: argparse.Namespace) -> WhatIfSession:
             text = Path(args.text).read_text(encoding="utf-8", errors="replace")
         except OSError as e:
             raise UsageError(f"--text {args.text}: cannot read ({e.strerror or e})") from None
-    runtime = ModelRuntime.open(args.checkpoint, hyperparameters=parse_config(args.config))
+    runtime = ModelRuntime.open(args.checkpoint, hyperparameters=parse_config(args.config), mapper=compute.mapper,
+                                device=compute.device)
     if runtime.runnable is None:
         hint = ("; give " + ", ".join(f"--config {n.name}=..." for n in runtime.needs)) if runtime.needs else ""
         raise CheckpointError(runtime.workspace.checkpoint.source,
@@ -114,6 +125,11 @@ def open_session(args: argparse.Namespace) -> WhatIfSession:
 
 
 def run(args: argparse.Namespace) -> int:
+    with compute_of(args) as compute:
+        return run_on(args, compute)
+
+
+def run_on(args: argparse.Namespace, compute: Compute) -> int:
     if args.strategy is None and not args.reference:
         raise UsageError("--strategy is required (or --reference for every reference strategy)")
     args.strategy = args.strategy or "none"
@@ -129,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     choice = Choice(args.strategy, args.value, args.scope, args.precision,
                     tuple(parse_override(o) for o in args.override))
     settings = Settings(estimator=args.estimator, null=args.null)
-    session = open_session(args)
+    session = open_session(args, compute)
     if args.reference:
         if heal_config is not None:
             raise UsageError("--heal heals one --strategy, not the --reference list")

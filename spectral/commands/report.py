@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 from spectral.analysis import Settings
-from spectral.commands.common import UsageError, add_checkpoint_argument, probability, write_text
+from spectral.commands.common import (
+    UsageError,
+    add_checkpoint_argument,
+    add_compute_arguments,
+    compute_of,
+    probability,
+    write_text,
+)
 from spectral.evaluation import DEFAULT_POSITIONS
 from spectral.figures import FigureExportError
 from spectral.noise import ESTIMATORS
@@ -25,6 +32,7 @@ from spectral.whatif import Choice, WhatIfSession
 def register(sub) -> None:
     p = sub.add_parser("report", help="the HTML report and every figure as PNG/SVG")
     add_checkpoint_argument(p)
+    add_compute_arguments(p)
     p.add_argument("--html", metavar="PATH", help="write the self-contained HTML report here (default: stdout "
                                                   "unless --figures is given)")
     p.add_argument("--figures", metavar="DIR", help="write every figure as PNG and SVG into this folder")
@@ -53,24 +61,25 @@ def run(args: argparse.Namespace) -> int:
     except PlanError as e:
         raise UsageError(str(e)) from None
     settings = Settings(estimator=args.estimator, confidence=args.confidence, energy=args.energy, null=args.null)
-    runtime = ModelRuntime.open(args.checkpoint)
-    names = {m.name for m in runtime.workspace.matrices}
-    if args.matrix is not None and args.matrix not in names:
-        raise UsageError(f"--matrix {args.matrix}: not a weight matrix of this checkpoint")
-    session = None
-    if not args.no_whatif:
-        if runtime.runnable is not None:
-            session = WhatIfSession(runtime, BatchSpec(None, DEFAULT_POSITIONS, 0))
-        else:
-            print(f"note: no what-if figures ({runtime.why_not})", file=sys.stderr)
-    report = build_report(runtime.workspace, settings, matrix=args.matrix, role=args.role, session=session,
-                          choice=Choice(args.strategy, args.value, args.scope, args.precision), scan_by=args.scan)
-    if args.figures:
-        try:
-            written = report.write_figures(Path(args.figures), formats)
-        except FigureExportError as e:
-            raise UsageError(f"--figures: {e}") from None
-        print(f"{len(written)} files written to {args.figures}", file=sys.stderr)
-    if args.html or not args.figures:
-        write_text(args.html, report.html())
+    with compute_of(args) as compute:
+        runtime = ModelRuntime.open(args.checkpoint, mapper=compute.mapper, device=compute.device)
+        names = {m.name for m in runtime.workspace.matrices}
+        if args.matrix is not None and args.matrix not in names:
+            raise UsageError(f"--matrix {args.matrix}: not a weight matrix of this checkpoint")
+        session = None
+        if not args.no_whatif:
+            if runtime.runnable is not None:
+                session = WhatIfSession(runtime, BatchSpec(None, DEFAULT_POSITIONS, 0))
+            else:
+                print(f"note: no what-if figures ({runtime.why_not})", file=sys.stderr)
+        report = build_report(runtime.workspace, settings, matrix=args.matrix, role=args.role, session=session,
+                              choice=Choice(args.strategy, args.value, args.scope, args.precision), scan_by=args.scan)
+        if args.figures:
+            try:
+                written = report.write_figures(Path(args.figures), formats)
+            except FigureExportError as e:
+                raise UsageError(f"--figures: {e}") from None
+            print(f"{len(written)} files written to {args.figures}", file=sys.stderr)
+        if args.html or not args.figures:
+            write_text(args.html, report.html())
     return 0

@@ -18,6 +18,8 @@ from spectral.commands.common import (
     StderrProgress,
     UsageError,
     add_checkpoint_argument,
+    add_compute_arguments,
+    compute_of,
     probability,
     write_text,
 )
@@ -44,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser, *, evaluation: bool = True, settin
         p.add_argument("--energy", type=probability, default=0.999, help="energy kept by the energy rank")
         p.add_argument("--null", choices=list(NULLS), default="mp",
                        help="what the signal counts and MP cuts are measured against (default mp)")
+    add_compute_arguments(p)
 
 
 def floats(text: str) -> list[float]:
@@ -63,7 +66,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
     return Settings(estimator=args.estimator, confidence=args.confidence, energy=args.energy, null=args.null)
 
 
-def open_context(args: argparse.Namespace) -> ResearchContext:
+def open_context(args: argparse.Namespace, compute=None) -> ResearchContext:
     """The checkpoint (CheckpointError -> exit 3), the runnable model if any, and the evaluation options."""
     text = None
     if getattr(args, "text", None) is not None:
@@ -74,17 +77,19 @@ def open_context(args: argparse.Namespace) -> ResearchContext:
     positions = getattr(args, "positions", DEFAULT_POSITIONS)
     if positions < 1:
         raise UsageError(f"--positions must be positive, got {positions}")
-    return ResearchContext.open(args.checkpoint, text=text, positions=positions, seed=getattr(args, "seed", 0))
+    return ResearchContext.open(args.checkpoint, text=text, positions=positions, seed=getattr(args, "seed", 0),
+                                mapper=None if compute is None else compute.mapper,
+                                device=None if compute is None else compute.device)
 
 
 def run_view(args: argparse.Namespace, compute: Callable[[ResearchContext, Settings, StderrProgress], object],
              summary: Callable[[dict], str]) -> int:
     """Open the context, compute the view, write its JSON; map the engine's errors onto the exit codes."""
     settings = settings_of(args) if hasattr(args, "estimator") else Settings()
-    ctx = open_context(args)
     progress = StderrProgress(args.command)
     try:
-        result = compute(ctx, settings, progress)
+        with compute_of(args) as where:
+            result = compute(open_context(args, where), settings, progress)
     except NeedsForward as e:
         raise CheckpointError(e.source, e.problem) from None
     except (ResearchError, EvaluationError) as e:

@@ -36,10 +36,11 @@ class ResearchContext:
 
     @classmethod
     def open(cls, source, *, text: str | None = None, positions: int = DEFAULT_POSITIONS,
-             seed: int = 0) -> ResearchContext:
+             seed: int = 0, mapper=None, device=None) -> ResearchContext:
         """A context for a path, "demo", `Workspace` or `ModelRuntime`; a model that cannot run gives a context
-        whose views that need a forward pass raise `NeedsForward`."""
-        runtime = source if isinstance(source, ModelRuntime) else ModelRuntime.open(source)
+        whose views that need a forward pass raise `NeedsForward`. `mapper`, `device`: as `ModelRuntime.open`."""
+        runtime = source if isinstance(source, ModelRuntime) else ModelRuntime.open(
+            source, mapper=mapper, **({} if device is None else {"device": device}))
         return cls(runtime, BatchSpec(text, positions, seed))
 
     # --------------------------------------------------------------------------------------------- what runs
