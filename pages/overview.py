@@ -73,6 +73,7 @@ with card_col:
                f"sha256 `{ck.sha256}`"]
     if ck.tied_groups:
         details.append("tied: " + "; ".join(" = ".join(f"`{n}`" for n in g) for g in ck.tied_groups))
+    details.append(f"spectra computed on: {state.library().compute_note}")
     st.caption("  \n".join(details))
     for warning in ck.warnings:
         st.warning(warning)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectral.checkpoint import DEMO_DIR, Checkpoint, load_checkpoint
+from spectral.devices import CPU, Device
 from spectral.runtime import BatchSpec, ModelRuntime
 from spectral.whatif import WhatIfSession
 from spectral.workspace import Workspace
@@ -57,7 +58,12 @@ class Library:
     """Bounded LRU of open checkpoints by content, a path index so a server file is hashed once, and a bounded LRU
     of what-if sessions by (owner, content, model generation, evaluation batch). Thread-safe."""
 
-    def __init__(self, capacity: int = 4, session_capacity: int = 6):
+    def __init__(self, capacity: int = 4, session_capacity: int = 6, *, mapper=None, device: Device = CPU,
+                 compute_note: str = ""):
+        """`mapper` (a RayMap) computes every checkpoint's spectra, `device` holds models and local spectra;
+        `compute_note` says where the work goes (the Overview card shows it)."""
+        self.mapper, self.device = mapper, device
+        self.compute_note = compute_note or f"this server, {device.describe()}"
         self.capacity = max(1, capacity)
         self.session_capacity = max(1, session_capacity)
         self._items: OrderedDict[str, Opened] = OrderedDict()
@@ -91,8 +97,11 @@ class Library:
 
     def open_checkpoint(self, checkpoint: Checkpoint, label: str, origin: str, path: str | None = None) -> Opened:
         """A loaded checkpoint as an `Opened` (the one already open when its content is known)."""
-        return self.get(checkpoint.sha256) or self.put(Opened(ModelRuntime(Workspace(checkpoint)), label, origin,
-                                                              path))
+        found = self.get(checkpoint.sha256)
+        if found is not None:
+            return found
+        workspace = Workspace(checkpoint, mapper=self.mapper, device=self.device)
+        return self.put(Opened(ModelRuntime(workspace, device=self.device), label, origin, path))
 
     def open_path(self, path: str, label: str, origin: str,
                   loader: Callable[[str], Checkpoint] = load_checkpoint) -> Opened:

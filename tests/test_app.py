@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,19 @@ def test_unusable_evaluation_text_is_refused_in_place_and_the_default_is_kept():
     assert_clean(at)
     assert any("evaluation text was not used" in e.value for e in at.error), [e.value for e in at.error]
     assert "(bundled" in " ".join(c.value for c in at.caption)
+
+
+@needs_demo
+def test_a_device_the_server_lacks_leaves_it_working_on_its_cpu_and_the_card_says_why(monkeypatch):
+    from ui import state
+
+    monkeypatch.setattr(sys, "argv", ["app.py", "--device", "cuda"])
+    state.library.clear()
+    try:
+        at = new_app().run()
+        assert_clean(at)
+        assert any("spectra computed on: this server, cpu: --device cuda: no CUDA GPU available" in c.value
+                   for c in at.caption)
+        assert at.dataframe  # the per-matrix table is there all the same
+    finally:
+        state.library.clear()

@@ -483,3 +483,31 @@ def test_prune_and_nulls_take_the_cluster_for_their_spectra(cluster, tmp_path, c
     local = json.loads((tmp_path / "l.json").read_text())
     assert (remote["agreement"], remote["kl"], remote["params_after"]) == (local["agreement"], local["kl"],
                                                                            local["params_after"])
+
+
+@pytest.mark.slow
+@needs_ray
+def test_the_dashboard_sends_its_spectra_to_the_cluster_and_says_so(cluster, tmp_path, monkeypatch):
+    """`streamlit run app.py -- --ray ADDRESS`: the Overview card names the cluster, and an uploaded checkpoint's
+    spectra are tasks on it (through the object store: the workers cannot see an upload), equal to the local run."""
+    from tests.test_app import new_app, upload
+    from ui import state
+
+    path = perturbed_demo_files(tmp_path, (301,))[0]
+    monkeypatch.setattr(sys, "argv", ["app.py", "--ray", cluster.address])
+    state.library.clear()  # the process-wide library is built from the options of the run that first needs it
+    try:
+        before = spectra_tasks()
+        at = upload(new_app().run(), "step.safetensors", path.read_bytes())
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        assert any(f"spectra computed on: Ray cluster {cluster.address}" in c.value for c in at.caption)
+        assert spectra_tasks() > before
+        library = state.library()
+        opened = library.get(load_checkpoint(path).sha256)
+        local = json.loads(Workspace(load_checkpoint(path), cache=None).analyze().to_json())
+        shown = json.loads(opened.workspace.analyze().to_json())
+        shown["summary"].pop("seconds"), local["summary"].pop("seconds")
+        shown["checkpoint"].pop("path"), local["checkpoint"].pop("path")
+        assert_same(shown, local, "app", exact=False)
+    finally:
+        state.library.clear()

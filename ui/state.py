@@ -21,7 +21,14 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from models.contract import NotRunnable
 from spectral import gallery
 from spectral.analysis import Analysis, Settings
-from spectral.checkpoint import CheckpointError, list_checkpoints, load_checkpoint_files, open_in_folder
+from spectral.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint_files,
+    open_in_folder,
+)
+from spectral.devices import DeviceError, resolve_device
+from spectral.distributed import DistributedError, RayMap
 from spectral.evaluation import EvaluationError
 from spectral.figures import ESTIMATOR_LABELS, NULL_LABELS
 from spectral.library import Library, Opened
@@ -46,15 +53,19 @@ EVAL_TEXT = "eval_text"  # session key: the user's own evaluation text, or absen
 @dataclass(frozen=True)
 class AppOptions:
     models_dir: Path | None  # server-side folder of checkpoints (`streamlit run app.py -- --models DIR`)
+    ray: str | None = None  # Ray cluster for the spectra (`-- --ray ADDRESS`; "" means $RAY_ADDRESS)
+    device: str = "cpu"  # where models and local spectra run (`-- --device cpu|cuda|auto`)
 
 
 def app_options(argv: list[str] | None = None) -> AppOptions:
     """Options after `--` on the streamlit command line; $SPECTRA_MODELS is the same as --models."""
     parser = argparse.ArgumentParser(prog="app.py", add_help=False)
     parser.add_argument("--models", default=os.environ.get("SPECTRA_MODELS"))
+    parser.add_argument("--ray", nargs="?", const="", default=None)
+    parser.add_argument("--device", default="cpu")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     models = Path(args.models).expanduser().resolve() if args.models else None
-    return AppOptions(models if models is not None and models.is_dir() else None)
+    return AppOptions(models if models is not None and models.is_dir() else None, args.ray, args.device)
 
 
 def server_checkpoints(options: AppOptions) -> list[str]:
@@ -64,8 +75,18 @@ def server_checkpoints(options: AppOptions) -> list[str]:
 
 @st.cache_resource(show_spinner=False)
 def library() -> Library:
-    """The process-wide cache of open checkpoints and what-if sessions, shared by every browser session."""
-    return Library(MAX_CHECKPOINTS, MAX_WHATIF_SESSIONS)
+    """The process-wide cache of open checkpoints and what-if sessions, shared by every browser session; with
+    `--ray`/`--device` its spectra go to the cluster or the GPU. A cluster or device that cannot be used leaves the
+    server working on its CPU, and the Overview card says why."""
+    options = app_options()
+    try:
+        device = resolve_device(options.device)
+        mapper = None if options.ray is None else RayMap(options.ray or None, device=options.device)
+    except (DeviceError, DistributedError) as exc:
+        return Library(MAX_CHECKPOINTS, MAX_WHATIF_SESSIONS,
+                       compute_note=f"this server, cpu: {' '.join(str(exc).split())[:300]}")
+    note = mapper.describe() if mapper is not None else ""
+    return Library(MAX_CHECKPOINTS, MAX_WHATIF_SESSIONS, mapper=mapper, device=device, compute_note=note)
 
 
 def session_id() -> str:

@@ -25,10 +25,25 @@ from spectral.commands.common import (
     write_text,
 )
 from spectral.evaluation import DEFAULT_POSITIONS, EvaluationError
-from spectral.heal import DEFAULT_LR, HEAL_MODES, HEAL_TRAIN, HealConfig, HealError, heal, save_healed
+from spectral.heal import (
+    DEFAULT_LR,
+    HEAL_MODES,
+    HEAL_TRAIN,
+    HealConfig,
+    HealError,
+    heal,
+    save_healed,
+)
 from spectral.noise import ESTIMATORS
 from spectral.nulls import NULLS
-from spectral.pruning import DEFAULT_VALUES, PRECISIONS, SCOPES, STRATEGIES, PlanError, Strategy
+from spectral.pruning import (
+    DEFAULT_VALUES,
+    PRECISIONS,
+    SCOPES,
+    STRATEGIES,
+    PlanError,
+    Strategy,
+)
 from spectral.runtime import BatchSpec, ModelRuntime
 from spectral.whatif import REFERENCE, Choice, WhatIfSession
 
