@@ -59,6 +59,7 @@ with card_col:
     with st.spinner("Building the model…"):
         runnable = runtime.runnable
     if runnable is not None:
+        state.start_background_factors(opened)
         st.success(f"Architecture: **{runnable.architecture}** ({runnable.kind}): the Pruning page can run it.",
                    icon=":material/check_circle:")
         if runtime.hyperparameters:

@@ -23,6 +23,8 @@ if session is None:
             "pages work on any checkpoint.", icon=":material/info:")
     st.stop()
 
+state.start_background_factors(opened)
+widgets.factors_progress(session.runtime)
 settings = state.settings()
 analysis = state.analysis(opened, settings)
 encoder = session.kind == "encoder"

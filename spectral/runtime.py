@@ -168,20 +168,26 @@ class ModelRuntime:
         """Compute the truncation factors of every matrix (or `names`) in a background thread, in model order, one
         matrix at a time under the forward lock: a slider move's evaluation never shares the cores with it, and a
         move that needs a matrix not reached yet computes it at once. Idempotent; `prefetch_progress` follows it."""
-        if self._prefetch is not None and self._prefetch.is_alive():
-            return
+        if self._prefetch is not None and (self._prefetch.is_alive() or names is None):
+            return  # running, or every matrix was asked for once already
         order = [m.name for m in self.workspace.matrices] if names is None else list(names)
-        self._prefetch_total = len(order)
+        order = [name for name in order if not self.workspace.has_truncation(name)]
+        if not order:
+            return
+        self._prefetch_stop.clear()
+        self._prefetch_done, self._prefetch_total = 0, len(order)
 
         def work() -> None:
             for i, name in enumerate(order):
                 if self._prefetch_stop.is_set():
                     return
                 with self.lock:
-                    self.workspace.truncation(name)
+                    try:
+                        self.workspace.truncation(name)
+                    except Exception:  # noqa: BLE001 - e.g. a NaN matrix; a move that needs it reports why
+                        pass
                 self._prefetch_done = i + 1
 
-        self._prefetch_done = 0
         self._prefetch = threading.Thread(target=work, name="prefetch-factors", daemon=True)
         self._prefetch.start()
 
@@ -190,8 +196,16 @@ class ModelRuntime:
         """(matrices whose factors are ready, matrices to do) of the background work; (0, 0) before it starts."""
         return (self._prefetch_done, self._prefetch_total)
 
-    def stop_prefetch(self) -> None:
+    @property
+    def prefetching(self) -> bool:
+        """The background thread is computing factors now."""
+        return self._prefetch is not None and self._prefetch.is_alive()
+
+    def stop_prefetch(self, wait: bool = False) -> None:
+        """Stop after the matrix in hand (and wait for that with `wait`)."""
         self._prefetch_stop.set()
+        if wait and self._prefetch is not None:
+            self._prefetch.join()
 
     def evaluator_for(self, batch: EvalBatch) -> Evaluator:
         """An evaluator on a batch made elsewhere (a calibration split, a notebook's tokens); not cached."""

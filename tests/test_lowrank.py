@@ -66,3 +66,16 @@ def test_a_heavily_cut_model_evaluates_through_factors_like_the_dense_cut(tmp_pa
     assert factorised.metrics.agreement == pytest.approx(plain.agreement, abs=1 / 256)
     for info in session.workspace.matrices:  # the saved / analysed view is dense and equals the factors' product
         assert session.pruner.matrix(info.name).shape == tuple(info.shape)
+
+
+def test_a_cut_matrix_moves_to_the_model_device_still_factorised():
+    """spectral/evaluation.py `to_device`: the pruner makes cut matrices on the CPU; on a GPU model they move there
+    (here the meta device stands in for one: no data, only placement), a factorised one as its two factors."""
+    from spectral.evaluation import to_device
+
+    left, right = torch.randn(6, 2), torch.randn(2, 5)
+    moved = to_device(LowRankWeight(left, right), torch.device("meta"))
+    assert isinstance(moved, LowRankWeight) and moved.rank == 2 and tuple(moved.shape) == (6, 5)
+    assert moved.left.device.type == moved.right.device.type == "meta"
+    dense = to_device(torch.randn(3, 4), torch.device("meta"))
+    assert dense.device.type == "meta" and not isinstance(dense, LowRankWeight)

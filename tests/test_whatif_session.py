@@ -202,3 +202,39 @@ def test_report_command_writes_the_html_and_every_figure(gpt_path, tmp_path):
 def test_report_command_refuses_an_unknown_matrix(gpt_path):
     out = cli("report", str(gpt_path), "--matrix", "nope", "--no-whatif")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "nope" in out.stderr
+
+
+# ------------------------------------------------------------------------------ background factors (issue 11)
+
+def test_background_factors_cover_every_matrix_and_moves_during_them_give_the_same_numbers(gpt_path):
+    """`start_prefetch` computes every matrix's truncation factors off the caller's thread; a move made while it
+    runs (it computes what it needs itself, under the same locks) equals a move made with every factor ready."""
+    cold = ModelRuntime(Workspace(load_checkpoint(gpt_path), cache=None))
+    cold.runnable  # built before the thread starts, as the dashboard does
+    session = WhatIfSession(cold, BatchSpec(positions=256))
+    cold.start_prefetch()
+    during = session.run(Choice("energy", 0.95))
+    cold._prefetch.join(timeout=120)
+    assert not cold.prefetching and cold.prefetch_progress == (len(cold.workspace.matrices),) * 2
+    assert all(cold.workspace.has_truncation(m.name) for m in cold.workspace.matrices)
+    cold.start_prefetch()  # once per checkpoint: nothing left to do, no new thread
+    assert not cold.prefetching
+
+    warm = ModelRuntime(Workspace(load_checkpoint(gpt_path), cache=None))
+    for m in warm.workspace.matrices:
+        warm.workspace.truncation(m.name)
+    after = WhatIfSession(warm, BatchSpec(positions=256)).run(Choice("energy", 0.95))
+    assert during.metrics.kl == pytest.approx(after.metrics.kl, rel=1e-6)
+    assert during.metrics.agreement == after.metrics.agreement and during.metrics.kl > 0
+
+
+def test_background_factors_stop_when_asked(gpt_path):
+    runtime = ModelRuntime(Workspace(load_checkpoint(gpt_path), cache=None))
+    runtime.stop_prefetch()  # before any start: harmless
+    runtime.start_prefetch()
+    runtime.stop_prefetch(wait=True)
+    done, total = runtime.prefetch_progress
+    assert not runtime.prefetching and done <= total == len(runtime.workspace.matrices)
+    runtime.start_prefetch(names=[m.name for m in runtime.workspace.matrices])  # an explicit list runs again
+    runtime._prefetch.join(timeout=120)
+    assert all(runtime.workspace.has_truncation(m.name) for m in runtime.workspace.matrices)

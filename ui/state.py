@@ -271,6 +271,13 @@ def whatif_session(opened: Opened) -> tuple[WhatIfSession | None, str | None]:
         return None, exc.reason
 
 
+def start_background_factors(opened: Opened) -> None:
+    """A model that runs gets every matrix's truncation factors computed in the background from now on, so the
+    first slider moves find them ready (shared by every session on this checkpoint; once per checkpoint)."""
+    if opened.runtime.runnable is not None:
+        opened.runtime.start_prefetch()
+
+
 def give_hyperparameters(opened: Opened, values: dict) -> str | None:
     """Rebuild the model with hyperparameters the user gave (shared by every session on this content); None on
     success, else why not (one line)."""

@@ -97,6 +97,23 @@ def overrides_editor(matrix_names: list[str]) -> None:
                 st.rerun(scope="fragment")
 
 
+def factors_progress(runtime) -> None:
+    """While the background SVD factors are computed, a progress line that follows them (a fragment polling once a
+    second); when they are all ready, one full rerun removes it."""
+    if not runtime.prefetching:
+        return
+
+    @st.fragment(run_every=1.0)
+    def line() -> None:
+        done, total = runtime.prefetch_progress
+        if not runtime.prefetching:
+            st.rerun()
+        st.progress(done / max(total, 1), text=f"SVD factors in the background: {done} of {total} matrices ready "
+                    "(a move that needs one sooner computes it at once)")
+
+    line()
+
+
 def _pm(se: float | None, scale: float = 1.0, spec: str = ".2f") -> str:
     return "" if se is None or se != se else f" ± {scale * se:{spec}}"
 
