@@ -14,15 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ["SPECTRA_CACHE"] = "off"  # measure the work itself, not the disk cache (children inherit it)
 sys.path.insert(0, str(ROOT))
 
-from tests.browser import chromium_path, goto_page, launch_chromium, streamlit_server, wait_idle  # noqa: E402
+from tests.browser import (  # noqa: E402
+    chromium_path,
+    goto_page,
+    launch_chromium,
+    streamlit_server,
+    wait_idle,
+)
 
 STEP = 0.05  # the rank-fraction slider's step
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ["SPECTRA_CACHE"] = "off"  # measure the work itself, not the disk cache (children inherit it)
 sys.path.insert(0, str(ROOT))
 from spectral.gguf import open_gguf  # after the path insert, as in the other benchmarks
 
