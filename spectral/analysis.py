@@ -245,6 +245,8 @@ def analyze_spectrum(spectrum: Spectrum, settings: Settings = Settings()) -> Mat
     else:
         mu_plus, s_plus = mp.upper_edge_location_scale(N, M, sigma2)
     gamma_plus = mu_plus + t_c * s_plus
+    if permutation is not None:  # and above every shuffle's largest: a permutation test at level 1/(B + 1) even
+        gamma_plus = max(gamma_plus, float(np.max(permutation.top)))  # where heavy tails make TW's tail too light
     z = (lam - mu_plus) / s_plus if s_plus > 0 else np.full_like(lam, np.inf)
     n_signal = int(np.count_nonzero(lam > gamma_plus))
 
@@ -253,7 +255,7 @@ def analyze_spectrum(spectrum: Spectrum, settings: Settings = Settings()) -> Mat
     if mp.has_lower_edge(N, M):
         if permutation is not None:
             mu_minus, s_minus = permutation.lower()
-            gamma_minus = mu_minus - t_c * s_minus
+            gamma_minus = min(mu_minus - t_c * s_minus, float(np.min(permutation.bottom)))
         else:
             gamma_minus = mp.lower_threshold(N, M, sigma2, settings.confidence)
         if gamma_minus > 0:
