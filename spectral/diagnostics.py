@@ -91,7 +91,9 @@ def entry_statistics(matrix: torch.Tensor | np.ndarray, chunk_elements: int = 1 
     step = max(1, chunk_elements // max(cols, 1))
     row_ms = torch.empty(rows, dtype=torch.float64)
     col_sum = torch.zeros(cols, dtype=torch.float64)
-    raw = torch.zeros(4, dtype=torch.float64)  # Σx, Σx², Σx³, Σx⁴
+    raw = torch.zeros(2, dtype=torch.float64)  # Σx², Σx⁴
+    shifted = torch.zeros(4, dtype=torch.float64)  # Σy, Σy², Σy³, Σy⁴ of y = x − K
+    shift = None  # K: the first block's mean, so the central moments need no cancellation against a large mean
     for start in range(0, rows, step):
         x = w[start:start + step].to(device="cpu", dtype=torch.float64).reshape(-1)
         x2 = x * x
@@ -99,13 +101,19 @@ def entry_statistics(matrix: torch.Tensor | np.ndarray, chunk_elements: int = 1 
         row_sums = block.sum(dim=1)
         row_ms[start:start + step] = row_sums / cols
         col_sum += block.sum(dim=0)
-        raw += torch.stack([x.sum(), row_sums.sum(), torch.dot(x2, x), torch.dot(x2, x2)])  # dots: no temporaries
+        raw += torch.stack([row_sums.sum(), torch.dot(x2, x2)])  # dots: no temporaries
+        if shift is None:
+            shift = float(x.mean()) if x.numel() else 0.0
+        y = x - shift
+        y2 = y * y
+        shifted += torch.stack([y.sum(), y2.sum(), torch.dot(y2, y), torch.dot(y2, y2)])
     n = float(rows * cols)
-    m1, m2, m3, m4 = (float(v) / n for v in raw)
+    m2, m4 = (float(v) / n for v in raw)
+    c1, c2, c3, c4 = (float(v) / n for v in shifted)
     col_ms = col_sum / rows
     var_x2 = max(m4 - m2 * m2, 0.0)  # variance of the squared entries
-    central2 = max(m2 - m1 * m1, 0.0)
-    central4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1**4
+    central2 = max(c2 - c1 * c1, 0.0)
+    central4 = c4 - 4 * c1 * c3 + 6 * c1 * c1 * c2 - 3 * c1**4
     kurtosis = central4 / central2**2 - 3.0 if central2 > 0 else float("nan")
 
     def spread(ms: torch.Tensor, per: int) -> tuple[float, float]:
