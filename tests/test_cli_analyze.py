@@ -178,3 +178,22 @@ def test_analyze_device_and_ray_errors_are_one_line(small_checkpoint):
     local = json.loads(run_cli("analyze", small_checkpoint, "--device", "cpu").stdout)
     auto = json.loads(run_cli("analyze", small_checkpoint, "--device", "auto").stdout)  # no GPU here: the CPU route
     assert [m["n_signal"] for m in local["matrices"]] == [m["n_signal"] for m in auto["matrices"]]
+
+
+def test_a_float32_device_states_the_error_it_adds(small_checkpoint, monkeypatch, capsys):
+    """A GPU without full-rate FP64 computes float32 singular values; the CLI says so with the error measured on the
+    checkpoint's first matrix. The route is the same on any torch device, so a float32 CPU device stands in here."""
+    import torch
+
+    from spectral.cli import main
+    from spectral.commands import common
+    from spectral.devices import Device
+
+    float32_cpu = Device("cpu", torch.float32, "CPU standing in for a float32 GPU")
+    monkeypatch.setattr(common, "resolve_device", lambda requested: float32_cpu)
+    assert main(["analyze", str(small_checkpoint), "--device", "cuda"]) == 0
+    err = capsys.readouterr().err
+    found = [line for line in err.splitlines() if line.startswith("note: spectra on ")]
+    assert len(found) == 1 and "float32 singular values, measured max |Δs|/s_max = " in found[0]
+    error = float(found[0].split("= ")[1].split()[0])
+    assert 0 < error < 1e-5  # float32 rounding of singular values, not a wrong route

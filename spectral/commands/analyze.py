@@ -17,6 +17,7 @@ from spectral.commands.common import (
     UsageError,
     add_compute_arguments,
     compute_of,
+    note_precision,
     probability,
     write_text,
 )
@@ -90,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     sources = expand(args.checkpoints)
     if len(sources) == 1:
         with compute_of(args) as compute:
-            return run_one(args, settings, Workspace.open(sources[0], mapper=compute.mapper, device=compute.device))
+            workspace = Workspace.open(sources[0], mapper=compute.mapper, device=compute.device)
+            note_precision(compute, workspace)
+            return run_one(args, settings, workspace)
     if args.csv:
         raise UsageError(f"--csv writes one checkpoint's table; {len(sources)} checkpoints given (use --json)")
     return run_many(args, settings, sources)
@@ -129,6 +132,8 @@ def run_many(args: argparse.Namespace, settings: Settings, sources: list[str]) -
                 failed += 1
                 continue
             workspaces.append(Workspace(checkpoint, mapper=compute.mapper, device=compute.device))
+        if workspaces:
+            note_precision(compute, workspaces[0])
         progress = StderrProgress(f"spectra of {len(workspaces)} checkpoints")
         if compute.mapper is not None:
             todo = [(w, w.spectra_from_disk()) for w in workspaces]

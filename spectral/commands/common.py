@@ -8,9 +8,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from spectral.devices import CPU, DEVICES, Device, DeviceError, resolve_device
+from spectral.devices import (
+    CPU,
+    DEVICES,
+    Device,
+    DeviceError,
+    device_note,
+    resolve_device,
+)
 from spectral.distributed import DistributedError, RayMap
 
 
@@ -64,6 +72,16 @@ def compute_of(args: argparse.Namespace) -> Iterator[Compute]:
 
 
 LOCAL = Compute(None, CPU)
+
+
+def note_precision(compute: Compute, workspace) -> None:
+    """On a device without full-rate float64, say so on stderr with the error float32 was measured to add on the
+    checkpoint's first finite matrix (against the float64 CPU route), so every number after it has its precision."""
+    if compute.mapper is not None or compute.device.dtype == torch.float64:
+        return
+    sample = next((w for w in (workspace.weight(m.name) for m in workspace.matrices) if bool(torch.isfinite(w).all())),
+                  None)  # the first finite matrix (a NaN one has no spectrum to compare)
+    print(f"note: spectra on {device_note(compute.device, sample)}", file=sys.stderr)
 
 
 def probability(text: str) -> float:
