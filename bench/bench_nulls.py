@@ -27,7 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SPIKE_FACTORS = (1.2, 2.35, 3.5)  # planted spikes at these multiples of the BBP threshold θ_c = q^(1/4)
+from tests.rmt_oracles import simulate  # noqa: E402 - the tests' matrices, one definition
+
 CASES = {  # name: (generator kind, rows, cols); the issue's shapes
     "iid Gaussian": ("gauss", 1000, 2000),
     "3 planted spikes": ("spikes", 1000, 2000),
@@ -37,26 +38,6 @@ CASES = {  # name: (generator kind, rows, cols); the issue's shapes
     "Student-t df 3": ("t3", 512, 2048),
 }
 NULLS = ("mp", "biwhitened", "permutation")
-
-
-def simulate(kind: str, rows: int, cols: int, seed: int) -> np.ndarray:
-    """One test matrix: i.i.d. N(0,1) noise, with planted spikes, a Gamma(4, 1/4) variance profile (mean 1) on the
-    columns or rows, or Student-t entries."""
-    rng = np.random.default_rng(seed)
-    if kind.startswith("t"):
-        return rng.standard_t(int(kind[1:]), (rows, cols))
-    w = rng.standard_normal((rows, cols))
-    if kind == "colprof":
-        w *= np.sqrt(rng.gamma(4.0, 0.25, cols))[None, :]
-    elif kind == "rowprof":
-        w *= np.sqrt(rng.gamma(4.0, 0.25, rows))[:, None]
-    elif kind == "spikes":
-        big, small = max(rows, cols), min(rows, cols)
-        theta = np.array(SPIKE_FACTORS) * (small / big) ** 0.25
-        u = np.linalg.qr(rng.standard_normal((rows, theta.size)))[0]
-        v = np.linalg.qr(rng.standard_normal((cols, theta.size)))[0]
-        w += (u * (theta * math.sqrt(big))) @ v.T
-    return w
 
 
 def one_matrix(kind: str, rows: int, cols: int, seed: int, shuffles: int, nulls=NULLS) -> dict:

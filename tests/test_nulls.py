@@ -30,30 +30,9 @@ from spectral.nulls import (
 )
 from spectral.tracy_widom import tw1_mean, tw1_ppf, tw1_std
 from spectral.workspace import matrix_spectrum, null_spectrum
-from tests.rmt_oracles import spiked
+from tests.rmt_oracles import simulate, spiked
 
 T99 = float(tw1_ppf(0.99))
-SPIKE_FACTORS = (1.2, 2.35, 3.5)  # planted spikes at these multiples of the BBP threshold q^(1/4) (RMT.md §6.1)
-
-
-def simulate(kind, rows, cols, seed):
-    """i.i.d. N(0,1) noise, three planted spikes, a Gamma(4, 1/4) column or row variance profile (mean 1, the
-    issue's), or Student-t entries ("t3", "t5")."""
-    rng = np.random.default_rng(seed)
-    if kind.startswith("t"):
-        return rng.standard_t(int(kind[1:]), (rows, cols))
-    w = rng.standard_normal((rows, cols))
-    if kind == "colprof":
-        w *= np.sqrt(rng.gamma(4.0, 0.25, cols))[None, :]
-    elif kind == "rowprof":
-        w *= np.sqrt(rng.gamma(4.0, 0.25, rows))[:, None]
-    elif kind == "spikes":
-        big, small = max(rows, cols), min(rows, cols)
-        theta = np.array(SPIKE_FACTORS) * (small / big) ** 0.25
-        u = np.linalg.qr(rng.standard_normal((rows, 3)))[0]
-        v = np.linalg.qr(rng.standard_normal((cols, 3)))[0]
-        w += (u * (theta * math.sqrt(big))) @ v.T
-    return w
 
 
 def reports(W, nulls=NULLS, seed=0):
