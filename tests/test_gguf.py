@@ -583,3 +583,26 @@ def test_smollm2_built_from_the_reader_speaks_and_needs_the_unpermuted_layout():
         layer.self_attn.q_proj.weight.data = stored.tensor(f"blk.{i}.attn_q.weight")
         layer.self_attn.k_proj.weight.data = stored.tensor(f"blk.{i}.attn_k.weight")
     assert right < 8 and perplexity() > 3 * right
+
+
+def test_a_gguf_that_cannot_run_says_why_in_one_line_and_keeps_its_spectra(tmp_path, capsys):
+    """Issue 12: an architecture transformers cannot load from GGUF is "spectra only" with the reason, in one line,
+    from the engine and the command line; its matrices are still analysed, with their quantisation."""
+    from models.contract import NotRunnable
+    from models.registry import runnable_model
+    from spectral.checkpoint import load_checkpoint
+    from spectral.cli import main
+    from spectral.workspace import Workspace
+
+    path = write_gguf(tmp_path / "odd.gguf", {"blk.0.attn_q.weight": (gaussian((64, 64), 1), Q.Q8_0),
+                                              "blk.0.ffn_up.weight": (gaussian((128, 64), 2), Q.F16)})
+    checkpoint = load_checkpoint(path)
+    with pytest.raises(NotRunnable) as info:
+        runnable_model(checkpoint)
+    why = str(info.value)
+    assert f"GGUF architecture '{TEST_ARCH}' does not run here" in why and "spectra only" in why and "\n" not in why
+    rows = Workspace(checkpoint).analyze().matrices
+    assert [r.quant for r in rows] == ["Q8_0", "F16"] and all(r.n_signal == 0 for r in rows)  # Gaussian: no signal
+    assert main(["prune", str(path), "--strategy", "energy"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not run here" in err and "`analyze` still works" in err
