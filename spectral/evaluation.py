@@ -261,7 +261,8 @@ def module_device(runnable) -> torch.device:
 def to_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A cut matrix on `device`, a factorised one kept factorised (spectral/lowrank.py)."""
     if isinstance(value, LowRankWeight):
-        return LowRankWeight(value.left.to(device), value.right.to(device))
+        return LowRankWeight(value.left.to(device), value.right.to(device),
+                             None if value.base is None else value.base.to(device))
     return value.to(device)
 
 

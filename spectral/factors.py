@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from spectral.spectra import GRAM_SAFE_RATIO, gram_eigh
@@ -50,6 +51,14 @@ class Factors:
 def truncation_factors(matrix: torch.Tensor, progress: Callable[[float], None] | None = None) -> Factors:
     """Singular values and short-side singular vectors of a 2-D matrix, by the float64 Gram route (SVD fallback);
     `progress(fraction)` as `spectral.spectra.singular_values` reports it."""
+    return factors_and_singular_values(matrix, progress)[0]
+
+
+def factors_and_singular_values(matrix: torch.Tensor, progress: Callable[[float], None] | None = None,
+                                ) -> tuple[Factors, np.ndarray]:
+    """`truncation_factors` and the float64 singular values they came from (descending): from one
+    eigendecomposition, the spectrum `spectral.spectra.singular_values` gives, to rounding (eigh's eigenvalues
+    against eigvalsh's, both of the same Gram matrix; tests/test_factors.py measures it)."""
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     m, n = matrix.shape
@@ -60,4 +69,4 @@ def truncation_factors(matrix: torch.Tensor, progress: Callable[[float], None] |
     if s.numel() and float(s[0]) > 0 and float(s[-1]) < GRAM_SAFE_RATIO * float(s[0]):
         U, s, Vh = torch.linalg.svd(matrix.detach().to(dtype=torch.float64, device="cpu"), full_matrices=False)
         q = U if left else Vh.T
-    return Factors(s.float().contiguous(), q.float().contiguous(), left)
+    return Factors(s.float().contiguous(), q.float().contiguous(), left), np.ascontiguousarray(s.numpy())

@@ -1,17 +1,24 @@
-"""A rank-k matrix W = left·right that runs as two thin matmuls where a model reads it, never as the dense m × n.
+"""A matrix W = left·right (rank k), or W = base + left·right, that a model reads without its dense m × n copy.
 
-`LowRankWeight(left, right)` (left m × k, right k × n) is swapped into a module like any cut tensor. Through
+`LowRankWeight(left, right)` (left m × k, right k × n) is swapped into a module like any cut tensor; with `base` (an
+m × n tensor the model holds anyway, e.g. its own untouched weight) it stands for base + left·right, which is how a
+truncation that removes only a few components is held: W_k = W − (removed components), no new m × n buffer. Through
 `__torch_function__` the operations models use on weights are rewritten:
 - `F.linear(x, W, b)` = x·Wᵀ + b as (x·rightᵀ)·leftᵀ + b: k(m + n) multiply-adds per row instead of m·n;
 - `F.embedding(ids, W)` = W[ids] as left[ids]·right;
-- `x @ W`, `torch.mm(x, W)`, `torch.addmm(b, x, W)` (Hugging Face's Conv1D) as (x·left)·right.
-Shape, dtype and device queries answer from the wrapper; any other operation sees the dense product, so a model that
-does something unusual with a weight is still right, only not faster. `dense()` gives the product itself.
+- `x @ W`, `torch.mm(x, W)`, `torch.addmm(b, x, W)` (Hugging Face's Conv1D) as (x·left)·right;
+each plus the same operation on `base` where there is one. Shape, dtype and device queries answer from the wrapper;
+any other operation sees the dense matrix, so a model that does something unusual with a weight is still right, only
+not faster. `dense()` gives the matrix itself.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+RESIDUAL_SHARE = 0.5  # see `cheaper_residual`; measured in bench/bench_whatif.py (memory against move time)
+RESIDUAL_MIN_ELEMENTS = 1 << 18  # smaller matrices stay dense: their buffers are cheap, and the demo's moves were
+# 16% slower held as base + factors (0.109 s against 0.094 s a move; bench/bench_whatif.py)
 
 # queries answered without the dense product (the wrapper holds a zero-stride placeholder of the right shape)
 _METADATA = {"shape", "size", "dim", "ndim", "dtype", "device", "numel", "is_floating_point", "is_complex", "layout",
@@ -24,14 +31,17 @@ class LowRankWeight(torch.Tensor):
 
     left: torch.Tensor
     right: torch.Tensor
+    base: torch.Tensor | None
 
     @staticmethod
-    def __new__(cls, left: torch.Tensor, right: torch.Tensor):
+    def __new__(cls, left: torch.Tensor, right: torch.Tensor, base: torch.Tensor | None = None):
         if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0]:
             raise ValueError(f"left {tuple(left.shape)} and right {tuple(right.shape)} do not multiply")
+        if base is not None and tuple(base.shape) != (left.shape[0], right.shape[1]):
+            raise ValueError(f"base {tuple(base.shape)} is not {left.shape[0]} x {right.shape[1]}")
         placeholder = torch.zeros((), dtype=left.dtype, device=left.device).expand(left.shape[0], right.shape[1])
         self = torch.Tensor._make_subclass(cls, placeholder, False)
-        self.left, self.right = left, right
+        self.left, self.right, self.base = left, right, base
         return self
 
     @property
@@ -39,16 +49,19 @@ class LowRankWeight(torch.Tensor):
         return int(self.left.shape[1])
 
     def dense(self) -> torch.Tensor:
-        """The m × n product (a new tensor)."""
+        """The m × n matrix (a new tensor)."""
         with torch._C.DisableTorchFunctionSubclass():
-            return self.left @ self.right
+            if self.base is None:
+                return self.left @ self.right
+            return torch.addmm(self.base, self.left, self.right)
 
     def transposed(self) -> LowRankWeight:
-        """Wᵀ = rightᵀ·leftᵀ, still factorised."""
-        return LowRankWeight(self.right.T, self.left.T)
+        """Wᵀ = rightᵀ·leftᵀ (+ baseᵀ), still factorised."""
+        return LowRankWeight(self.right.T, self.left.T, None if self.base is None else self.base.T)
 
     def __repr__(self) -> str:
-        return f"LowRankWeight(shape={tuple(self.shape)}, rank={self.rank})"
+        extra = "" if self.base is None else ", plus a base matrix"
+        return f"LowRankWeight(shape={tuple(self.shape)}, rank={self.rank}{extra})"
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -63,18 +76,24 @@ class LowRankWeight(torch.Tensor):
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(w, LowRankWeight) and not isinstance(x, LowRankWeight):
-                return F.linear(F.linear(x, w.right), w.left, _plain(bias))
+                out = F.linear(F.linear(x, w.right), w.left, _plain(bias))
+                return out if w.base is None else out.add_(F.linear(x, w.base))
         if func is F.embedding:
             ids, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             if isinstance(w, LowRankWeight) and not isinstance(ids, LowRankWeight):
                 rest = {k: v for k, v in kwargs.items() if k != "weight"}
-                return F.embedding(ids, w.left, *args[2:], **rest) @ w.right
+                out = F.embedding(ids, w.left, *args[2:], **rest) @ w.right
+                return out if w.base is None else out.add_(F.embedding(ids, w.base, *args[2:], **rest))
         if func in (torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.__matmul__) \
                 and len(args) == 2 and isinstance(args[1], LowRankWeight) and not isinstance(args[0], LowRankWeight):
-            return (_plain(args[0]) @ args[1].left) @ args[1].right
+            x, w = _plain(args[0]), args[1]
+            out = (x @ w.left) @ w.right
+            return out if w.base is None else out.add_(x @ w.base)
         if func in (torch.addmm, torch.Tensor.addmm) and len(args) >= 3 and isinstance(args[2], LowRankWeight) \
                 and not isinstance(args[1], LowRankWeight) and not kwargs:
-            return torch.addmm(_plain(args[0]), _plain(args[1]) @ args[2].left, args[2].right)
+            x, w = _plain(args[1]), args[2]
+            out = torch.addmm(_plain(args[0]), x @ w.left, w.right)
+            return out if w.base is None else out.addmm_(x, w.base)
         dense_args = [_plain(a) for a in args]
         dense_kwargs = {k: _plain(v) for k, v in kwargs.items()}
         with torch._C.DisableTorchFunctionSubclass():
@@ -90,3 +109,11 @@ def cheaper_factorised(shape: tuple[int, int], rank: int) -> bool:
     """Two thin matmuls cost k(m + n) per row against m·n for the dense matrix (and store as much less)."""
     m, n = shape
     return 0 < rank and rank * (m + n) < m * n
+
+
+def cheaper_residual(shape: tuple[int, int], removed: int) -> bool:
+    """base + left·right with `removed` components costs (m + n) per removed component beyond the base's m·n per row,
+    and stores only those: worth it (against a new dense m × n buffer) while that is under RESIDUAL_SHARE of m·n, for
+    matrices of more than RESIDUAL_MIN_ELEMENTS entries."""
+    m, n = shape
+    return m * n > RESIDUAL_MIN_ELEMENTS and 0 < removed and removed * (m + n) <= RESIDUAL_SHARE * m * n

@@ -25,6 +25,9 @@ truncation factors (singular values and the short side's singular vectors, spect
 pruner: cached originals are never written. A truncation to rank k whose factors cost less than the dense matrix
 (k·(m+n) < m·n) is not rebuilt at all: the pruner keeps its factors and hands the model a `LowRankWeight`, which
 runs as two thin matmuls, so a heavily cut model evaluates faster than the untouched one (spectral/lowrank.py).
+A truncation that removes few components (or a band cut) is held the other way round: W minus the removed
+components, `LowRankWeight(−W·Q_r, Q_rᵀ, base=W)` over the model's own untouched weight, when those components cost
+at most `RESIDUAL_SHARE` of the dense matrix: no new m × n buffer, and a slider move only re-slices the factors.
 Otherwise a truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built densely the cheapest of three exact ways: from the head
 (cost ∝ k), as W minus the tail (∝ r − k), or from the previous W_k' by adding or subtracting the components between
 k and k' (∝ |k − k'|, what a slider move needs); the incremental route is re-based by a full rebuild every `MAX_INCREMENTS` moves so float error cannot accumulate.
@@ -44,7 +47,7 @@ from safetensors.torch import save, save_file
 
 from models.registry import gpt_metadata
 from spectral.analysis import Settings, factorised_params
-from spectral.lowrank import LowRankWeight, cheaper_factorised
+from spectral.lowrank import LowRankWeight, cheaper_factorised, cheaper_residual
 from spectral.matrices import to_analysed, to_stored
 from spectral.metrics import energy_rank
 
@@ -360,9 +363,13 @@ class _Working:
     active: bool = False
     relative_error: float = 0.0
 
+    base: torch.Tensor | None = None  # with `low_rank`: W_cut = base + left·right (base: the untouched matrix)
+
     def dense(self) -> torch.Tensor:
         """The cut matrix as one dense tensor (the buffer, or the factors' product)."""
-        return self.low_rank[0] @ self.low_rank[1] if self.low_rank is not None else self.buffer
+        if self.low_rank is None:
+            return self.buffer
+        return LowRankWeight(*self.low_rank, self.base).dense()
 
 
 class Pruner:
@@ -431,7 +438,7 @@ class Pruner:
             if state is None or not state.active:
                 continue
             if factorised and state.low_rank is not None:
-                weight = LowRankWeight(*state.low_rank)
+                weight = LowRankWeight(*state.low_rank, state.base)
                 yield info, weight.transposed() if info.transposed else weight
             else:
                 yield info, to_stored(state.dense(), info)
@@ -461,12 +468,22 @@ class Pruner:
         if k is not None and 0 < k and cut.precision == "fp32" and len(info.source_shape) == 2 \
                 and cheaper_factorised(tuple(info.shape), k):
             f = self.workspace.truncation(info.name)
-            state.low_rank = f.components(W, 0, k)  # (m×k, k×n): one side new, the other a view of shared factors
-            state.exact_rank = None  # the dense buffer, if any, no longer holds a known truncation
+            state.low_rank, state.base = f.components(W, 0, k), None  # one side new, the other a view of Q
+            self._drop_buffer(state)
             state.cut, state.active = cut, True
             state.relative_error = relative_error_from_spectrum(f.S, slice(k, None))
             return
-        state.low_rank = None
+        removed = (k, min(info.shape)) if k is not None and k > 0 else cut.removed
+        if removed is not None and cut.random_seed is None and cut.precision == "fp32" \
+                and len(info.source_shape) == 2 and cheaper_residual(tuple(info.shape), removed[1] - removed[0]):
+            f = self.workspace.truncation(info.name)
+            left, right = f.components(W, *removed)
+            state.low_rank, state.base = (-left, right), W  # W minus the removed components: W is the model's own
+            self._drop_buffer(state)
+            state.cut, state.active = cut, True
+            state.relative_error = relative_error_from_spectrum(f.S, slice(*removed))
+            return
+        state.low_rank, state.base = None, None
         if state.buffer is None:
             state.buffer = torch.empty(W.shape, dtype=torch.float32)
         buf = state.buffer
@@ -511,6 +528,11 @@ class Pruner:
             norm = float(torch.linalg.vector_norm(W))
             error = float(torch.linalg.vector_norm(W - buf)) / norm if norm > 0 else 0.0
         state.cut, state.exact_rank, state.active, state.relative_error = cut, exact, True, error
+
+    @staticmethod
+    def _drop_buffer(state: _Working) -> None:
+        """A factorised cut needs no dense buffer: free it (the memory bound of what-ifs counts it)."""
+        state.buffer, state.exact_rank, state.increments = None, None, 0
 
     def _module_overrides(self) -> dict[str, torch.Tensor]:
         if self.runnable is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class ModelRuntime:
         self._why_not: str | None = None
         self._needs: tuple[Need, ...] = ()
         self._evaluators: OrderedDict[tuple, Evaluator] = OrderedDict()
+        self._reference_points: weakref.WeakKeyDictionary[Evaluator, dict] = weakref.WeakKeyDictionary()
 
     @classmethod
     def open(cls, source, *, hyperparameters: Mapping | None = None, mapper=None,
@@ -206,6 +208,12 @@ class ModelRuntime:
         self._prefetch_stop.set()
         if wait and self._prefetch is not None:
             self._prefetch.join()
+
+    def reference_points(self, evaluator: Evaluator) -> dict:
+        """The reference strategies' chart points computed on `evaluator`, by (scope, settings): one dict shared by
+        every session on it, gone with the evaluator (`WhatIfSession.reference` fills it)."""
+        with self.lock:
+            return self._reference_points.setdefault(evaluator, {})
 
     def evaluator_for(self, batch: EvalBatch) -> Evaluator:
         """An evaluator on a batch made elsewhere (a calibration split, a notebook's tokens); not cached."""

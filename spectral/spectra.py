@@ -19,12 +19,15 @@ import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
+from spectral.threads import mkl_threads_in_this_thread
+
 GRAM_SAFE_RATIO = 1e-5  # below this s_min/s_max the Gram route loses digits: fall back to the SVD
 GRAM_BLOCK_BYTES = 32 << 20  # float64 bytes of W converted at a time while the Gram matrix is summed
 PROGRESS_SECONDS = 1.0  # on big matrices, `progress` is called at least this often (when the work allows)
 EIG_WORK = 4.0  # the eigensolver's cost in units of one Gram multiply-add per M³ (measured: dsyevd ≈ 3.7 M³)
-EIG_BESIDE_MIN = 128  # from this short side up, the eigensolver runs in its own thread (progress keeps moving)
-# OpenMP threads of that eigensolver. LAPACK's tridiagonal reduction is memory-bound and synchronises its threads at
+EIG_BESIDE_MIN = 1024  # from this short side up, the eigensolver runs in its own thread (progress keeps moving);
+# below, one thread solves it in under ~0.2 s
+# OpenMP and MKL threads of the eigensolver. LAPACK's tridiagonal reduction is memory-bound and synchronises its threads at
 # every step: on the 2-core machine one thread took 2.2 s for M = 4096 where torch's two took 9.2 s, and 16 ms for
 # M = 512 where two took 6.8 s (other work running: a waiting thread spins through the other's time slices).
 EIG_THREADS = 1
@@ -130,12 +133,13 @@ def _eigvalsh(gram: torch.Tensor, report: Callable[[float], None] | None,
 
 def _eigh(gram: torch.Tensor, report: Callable[[float], None] | None, fraction: Callable[[float], float], *,
           vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Ascending eigenvalues (and eigenvectors when asked) of the symmetric Gram matrix. From EIG_BESIDE_MIN up,
-    LAPACK runs in a thread of its own with EIG_THREADS OpenMP threads (an OpenMP limit set in a thread binds that
-    thread only; torch releases the GIL), and this thread keeps `report` moving with `fraction(elapsed)`, since
-    LAPACK reports nothing while it works."""
+    """Ascending eigenvalues (and eigenvectors when asked) of the symmetric Gram matrix, with EIG_THREADS OpenMP and
+    MKL threads (limits set in a thread bind that thread only). From EIG_BESIDE_MIN up, LAPACK runs in a thread of
+    its own (torch releases the GIL) and this thread keeps `report` moving with `fraction(elapsed)`, since LAPACK
+    reports nothing while it works; below it the solver takes well under a second and runs here."""
     def solve() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return tuple(torch.linalg.eigh(gram)) if vectors else (torch.linalg.eigvalsh(gram), None)
+        with _openmp().limit(limits=EIG_THREADS, user_api="openmp"), mkl_threads_in_this_thread(EIG_THREADS):
+            return tuple(torch.linalg.eigh(gram)) if vectors else (torch.linalg.eigvalsh(gram), None)
 
     if gram.shape[0] < EIG_BESIDE_MIN:
         return solve()
@@ -143,11 +147,12 @@ def _eigh(gram: torch.Tensor, report: Callable[[float], None] | None, fraction: 
 
     def work() -> None:
         try:
-            with _openmp().limit(limits=EIG_THREADS, user_api="openmp"):
-                result["values"] = solve()
+            result["values"] = solve()
         except BaseException as error:  # noqa: BLE001 - handed to the calling thread, raised there
             result["error"] = error
 
+    # a fresh thread each time: measured, long-lived solver threads left this process's later forward passes ~10%
+    # slower (bench/bench_whatif.py), and a thread's start-up (~20 ms) is small beside a solver this size
     worker = threading.Thread(target=work, name="eigh" if vectors else "eigvalsh", daemon=True)
     start = time.perf_counter()
     worker.start()

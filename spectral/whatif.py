@@ -47,6 +47,7 @@ STRATEGY_LABELS = {
     "zero": "Replace by zeros",
     "none": "No cut (precision only)",
 }
+SPECTRAL_STRATEGIES = frozenset({"mp", "optimal", "energy"})  # strategies whose cut reads the spectra
 SCOPE_LABELS = {"all": "All matrices", "attention": "Attention", "mlp": "MLP", "embedding": "Embedding / head"}
 
 
@@ -78,6 +79,11 @@ class Choice:
         if self.overrides:
             text += f", {len(self.overrides)} override{'s' if len(self.overrides) > 1 else ''}"
         return text
+
+    @property
+    def reads_spectra(self) -> bool:
+        """The plan reads singular values (MP, Gavish-Donoho, energy), of the chosen strategy or an override."""
+        return bool({self.strategy, *(o[1] for o in self.overrides)} & SPECTRAL_STRATEGIES)
 
     def plan(self, workspace, settings: Settings = Settings()) -> Plan:
         """The `Plan` of this choice on a workspace (PlanError when a value, scope or override cannot be used)."""
@@ -206,6 +212,8 @@ class WhatIfSession:
         reports the factors and then each evaluation chunk; `on_estimate` receives the quick estimate on the fixed
         subset (`Evaluator.estimate`) before the full batch runs, when there is one and the move is not cached."""
         t0 = time.perf_counter()
+        if choice.reads_spectra:  # and it truncates: both from one eigendecomposition per matrix
+            self.workspace.spectra_with_truncations(progress)
         plan = choice.plan(self.workspace, settings)
         result = self.run_plan(plan, progress=progress, on_estimate=on_estimate, plan_seconds=time.perf_counter() - t0,
                                label=choice.label)
@@ -257,8 +265,12 @@ class WhatIfSession:
     def reference(self, scope: str = "all", settings: Settings = Settings(),
                   progress: Progress | None = None) -> list[dict]:
         """Chart points of every `REFERENCE` strategy in `scope`, on a private working copy (this session's cut is
-        left as it is); remembered per (scope, settings)."""
+        left as it is); remembered per (scope, settings) by the runtime for every session on the same evaluator,
+        since they depend on nothing a session sets (on SmolLM2 the ten evaluations take over a minute)."""
         key = (scope, settings)
+        shared = self.runtime.reference_points(self.evaluator)
+        if key in shared:
+            self._reference[key] = shared[key]
         if key in self._reference:
             return self._reference[key]
         private = WhatIfSession(self.runtime, self.spec, evaluator=self.evaluator)
@@ -270,7 +282,7 @@ class WhatIfSession:
             points.append(result.point(ref.label, ref.short, ref.group))
         if progress:
             progress(len(REFERENCE), len(REFERENCE), "")
-        self._reference[key] = points
+        self._reference[key] = shared[key] = points
         return points
 
     def reference_results(self, scope: str = "all", settings: Settings = Settings()) -> list[WhatIfResult]:

@@ -32,7 +32,7 @@ from spectral.cache import DiskCache, default_cache
 from spectral.checkpoint import Checkpoint, load_checkpoint
 from spectral.devices import CPU, Device, singular_values_on
 from spectral.diagnostics import EntryStats, entry_statistics
-from spectral.factors import Factors, truncation_factors
+from spectral.factors import Factors, factors_and_singular_values
 from spectral.matrices import MatrixInfo, find_matrices, matrix_view
 from spectral.nulls import DEFAULT_SHUFFLES, NULLS, biwhitened_spectrum, permutation_null
 from spectral.spectra import singular_values
@@ -249,12 +249,47 @@ class Workspace:
                     int(stored["S"].numel()) == min(info.shape) and stored["Q"].ndim == 2:
                 found = Factors(stored["S"], stored["Q"], bool(stored["left"].item()))
             else:
-                found = truncation_factors(self.weight(info.name), progress)
+                found = self._fresh_truncation(info, progress)
                 if self.cache is not None:
                     self.cache.save(self.checkpoint.sha256, info.name, FACTORS_ENTRY,
                                     {"S": found.S, "Q": found.Q, "left": torch.tensor([found.left])})
             self._truncations[info.name] = found
             return found
+
+    def _fresh_truncation(self, info: MatrixInfo, progress: Fraction | None) -> Factors:
+        """Compute one matrix's truncation factors; when its spectrum is pending and would be computed here (no
+        mapper, the CPU), the spectrum is taken from the same eigendecomposition (and its NaN check applies)."""
+        w = self.weight(info.name)
+        with_spectrum = self.mapper is None and self.device == CPU and info.name not in self._spectra \
+            and info.name not in self._skipped
+        if with_spectrum:
+            try:
+                check_finite(w)
+            except NonFiniteMatrix as e:
+                self._skipped[info.name] = str(e)
+                raise
+        found, s = factors_and_singular_values(w, progress)
+        if with_spectrum:
+            self.adopt({info.name: Spectrum(info.name, tuple(info.shape), info.role, tuple(info.tied_with), s,
+                                            entries=entry_statistics(w.detach()))})
+        return found
+
+    def spectra_with_truncations(self, progress: Progress | None = None) -> dict[str, Spectrum]:
+        """`spectra()`, where each pending spectrum comes with its truncation factors from one eigendecomposition:
+        what-ifs need both, and the pair by separate routes costs two Gram matrices and two eigensolvers."""
+        with self._lock:
+            todo = self.spectra_from_disk()
+            if todo and self.mapper is None and self.device == CPU:
+                for i, info in enumerate(todo):
+                    if progress:
+                        progress(i, len(todo), info.name)
+                    try:
+                        self.truncation(info.name, _within(progress, i, len(todo), info.name))
+                    except NonFiniteMatrix:
+                        continue
+                if progress:
+                    progress(len(todo), len(todo), "")
+            return self.spectra(progress)
 
     def has_truncation(self, name: str) -> bool:
         """The truncation factors of this matrix are in memory already (no work to get them)."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from spectral.lowrank import LowRankWeight, cheaper_factorised
+from spectral.lowrank import RESIDUAL_SHARE, LowRankWeight, cheaper_factorised, cheaper_residual
 from spectral.whatif import Choice, WhatIfSession
 from tests.tiny_models import save_tiny_gpt
 
@@ -32,6 +32,23 @@ def test_linear_embedding_and_matmuls_equal_the_dense_product(factors):
     torch.testing.assert_close(w.transposed().dense(), dense.T)
 
 
+def test_a_base_plus_factors_equals_the_dense_sum_in_every_rewritten_operation(factors):
+    """W = base + left·right (how a cut that removes few components is held): each rewritten operation, the
+    transpose and `dense()` against the dense sum."""
+    left, right, _ = factors
+    base = torch.randn(30, 20, generator=torch.Generator().manual_seed(1))
+    w, dense = LowRankWeight(left, right, base), base + left @ right
+    x, ids, y, bias = torch.randn(5, 20), torch.tensor([[0, 7, 29]]), torch.randn(5, 30), torch.randn(30)
+    torch.testing.assert_close(F.linear(x, w, bias), F.linear(x, dense, bias))
+    torch.testing.assert_close(F.embedding(ids, w), F.embedding(ids, dense))
+    torch.testing.assert_close(y @ w, y @ dense)
+    torch.testing.assert_close(torch.addmm(torch.ones(20), y, w), torch.addmm(torch.ones(20), y, dense))
+    torch.testing.assert_close(w.transposed().dense(), dense.T)
+    torch.testing.assert_close(w * 2.0, dense * 2.0)
+    with pytest.raises(ValueError, match="base"):
+        LowRankWeight(left, right, base.T)
+
+
 def test_shape_queries_do_not_build_the_dense_matrix_and_anything_else_sees_it(factors):
     left, right, dense = factors
     w = LowRankWeight(left, right)
@@ -52,6 +69,37 @@ def test_modules_read_it_through_functional_call(factors):
 def test_factors_are_used_only_where_they_are_cheaper():
     assert cheaper_factorised((100, 100), 49) and not cheaper_factorised((100, 100), 50)
     assert not cheaper_factorised((100, 100), 0)
+    removable = int(RESIDUAL_SHARE * 1000 * 1000 / 2000)  # (m + n)·r ≤ share·m·n
+    assert cheaper_residual((1000, 1000), removable) and not cheaper_residual((1000, 1000), removable + 1)
+    assert not cheaper_residual((1000, 1000), 0)
+    assert not cheaper_residual((100, 100), 1), "small matrices stay dense"
+
+
+def test_a_light_cut_is_held_as_the_model_weight_minus_its_tail_with_no_dense_buffer(tmp_path, monkeypatch):
+    """Rank 90% (the size floor lowered to the tiny model's matrices): each matrix is W minus its removed components over the model's own weight (no new m × n buffer),
+    its dense form equals W_k from a float64 SVD, and the evaluation equals the same cut applied densely."""
+    import spectral.lowrank
+
+    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
+    path = save_tiny_gpt(tmp_path / "tiny.safetensors")
+    session = WhatIfSession.open(path, positions=256)
+    result = session.run(Choice("rank", 0.9))
+    overrides = session.pruner.overrides()
+    held = [t for t in overrides.values() if isinstance(t, LowRankWeight) and t.base is not None]
+    assert held and all(s._working[n].buffer is None for s in [session.pruner] for n in s._working)
+    for info in session.workspace.matrices:
+        cut = result.plan.cuts.get(info.name)
+        if cut is None or cut.kept_rank is None:
+            continue
+        U, S, Vh = torch.linalg.svd(session.workspace.weight(info.name).double(), full_matrices=False)
+        k = cut.kept_rank
+        exact = (U[:, :k] * S[:k]) @ Vh[:k]
+        got = session.pruner.matrix(info.name).double()
+        assert float((got - exact).norm() / exact.norm()) < 1e-5, info.name
+    dense = {name: t.dense() if isinstance(t, LowRankWeight) else t for name, t in overrides.items()}
+    plain = session.evaluator.evaluate(dense)
+    assert result.metrics.kl == pytest.approx(plain.kl, rel=1e-4, abs=1e-9)
+    assert result.metrics.agreement == pytest.approx(plain.agreement, abs=1 / 256)
 
 
 def test_a_heavily_cut_model_evaluates_through_factors_like_the_dense_cut(tmp_path):

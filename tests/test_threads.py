@@ -38,3 +38,24 @@ def test_numpy_blas_is_capped_at_one_thread():
     code = ("import numpy\nconfigure_threads()\nfrom threadpoolctl import threadpool_info\n"
             "print(max([p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'] or [1]))")
     assert threads_in_fresh_process(code) == 1
+
+
+def test_mkl_thread_limit_binds_only_the_thread_that_sets_it():
+    """`mkl_threads_in_this_thread` changes MKL's count for calls from this thread, inside the block only; another
+    thread keeps torch's process-wide count (MKL reports both through `MKL_Get_Max_Threads`)."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores to tell one MKL thread from the process-wide count")
+    code = (
+        "import ctypes, os, threading\n"
+        "lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), 'lib', 'libtorch_cpu.so'))\n"
+        "get = lib.MKL_Get_Max_Threads\n"
+        "configure_threads(2)\n"
+        "seen = {'before': get()}\n"
+        "with mkl_threads_in_this_thread(1):\n"
+        "    seen['inside'] = get()\n"
+        "    t = threading.Thread(target=lambda: seen.update(other=get())); t.start(); t.join()\n"
+        "seen['after'] = get()\n"
+        "print(seen['before'] * 1000 + seen['inside'] * 100 + seen['other'] * 10 + seen['after'])")
+    assert threads_in_fresh_process(code) == 2122

@@ -18,6 +18,7 @@ from models.contract import NotRunnable
 from models.gpt import GPT, GPTConfig
 from spectral.analysis import Settings
 from spectral.checkpoint import load_checkpoint
+from spectral.evaluation import Evaluator
 from spectral.library import Library
 from spectral.report import build_report
 from spectral.runtime import BatchSpec, ModelRuntime
@@ -119,6 +120,19 @@ def test_reference_strategies_are_one_list_and_leave_the_session_cut_alone(gpt_p
     assert fp16["compression"] == pytest.approx(2.0, rel=0.05) and fp16["kl"] < 1e-3
     assert session.pruner.plan is mine.plan and torch.equal(session.pruner.matrix(name), before)
     assert session.run(Choice("rank", 0.25)).metrics is mine.metrics
+
+
+def test_reference_points_are_computed_once_for_every_session_on_the_same_evaluator(gpt_path, monkeypatch):
+    """A second session on the same runtime and text gets the first one's chart points without evaluating again;
+    another scope is computed anew."""
+    runtime = ModelRuntime.open(gpt_path)
+    a, b = WhatIfSession(runtime, BatchSpec(None, 128)), WhatIfSession(runtime, BatchSpec(None, 128))
+    first = a.reference("all")
+    calls = []
+    real = Evaluator.evaluate
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, *args, **kw: calls.append(1) or real(self, *args, **kw))
+    assert b.reference("all") is first and not calls
+    assert [p["label"] for p in b.reference("mlp")] == [r.label for r in REFERENCE] and calls
 
 
 def test_a_model_that_needs_hyperparameters_runs_once_they_are_given(tmp_path):

@@ -38,6 +38,24 @@ def test_matrix_spectrum_is_what_the_workspace_caches(checkpoint_path):
     assert ws.skipped == [{"name": "blocks.0.attn.c_proj.weight", "reason": "1 NaN/Inf values: matrix skipped"}]
 
 
+def test_spectra_with_truncations_match_the_spectra_route_and_leave_the_factors_ready(checkpoint_path):
+    """One eigendecomposition gives what-ifs both: the singular values equal the eigenvalues-only route's to
+    rounding (and a float64 SVD's), the entry statistics are the same, the NaN matrix is skipped with the same
+    reason, and every finite matrix's truncation factors are already in memory."""
+    plain = Workspace(load_checkpoint(str(checkpoint_path)), cache=None)  # no disk cache: each computes its own
+    both = Workspace(load_checkpoint(str(checkpoint_path)), cache=None)
+    expected, found = plain.spectra(), both.spectra_with_truncations()
+    assert found.keys() == expected.keys() and len(found) == 2
+    for name, spectrum in found.items():
+        np.testing.assert_allclose(spectrum.singular_values, expected[name].singular_values, rtol=1e-12, atol=1e-12)
+        exact = np.linalg.svd(plain.weight(name).double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(spectrum.singular_values, exact, rtol=1e-9)
+        assert spectrum.entries == expected[name].entries
+        assert both.has_truncation(name)
+    assert both.skipped == plain.skipped
+    assert not both.has_truncation("blocks.0.attn.c_proj.weight")
+
+
 def test_matrix_spectrum_refuses_non_finite_matrices_with_the_skip_reason():
     w = torch.ones(10, 20)
     w[1, 2] = float("nan")
