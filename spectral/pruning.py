@@ -446,13 +446,14 @@ class Pruner:
     # -------------------------------------------------------------------------------------------------- rebuild
 
     def _original(self, info) -> torch.Tensor:
-        """The untouched matrix, analysed layout, float32, without copying when the runnable already holds it."""
+        """The untouched matrix, analysed layout, float32, on the CPU (where the factors and the pruner's work are;
+        the evaluator moves cut matrices to the model's device), without copying when the runnable holds it there."""
         if info.name in self._originals:
             return self._originals[info.name]
         w = None
         if self.runnable is not None:
             refs = self.runnable.params_for([info.name, *info.tied_with])
-            if refs:
+            if refs and self.runnable.parameter(refs[0].name).device.type == "cpu":
                 param = self.runnable.parameter(refs[0].name)
                 stored = param.T if refs[0].transposed else param
                 w = to_analysed(stored, info)

@@ -323,3 +323,22 @@ def test_saved_checkpoint_reloads_and_gives_the_same_outputs(session, tmp_path):
     assert torch.equal(again.forward(x), runnable.forward(x, pruner.overrides()))
     assert json.loads(reloaded.metadata["spectra_prune"])["strategy"] == "rank"
     assert isinstance(save_pruned(pruner), bytes)
+
+
+def test_a_model_on_another_device_leaves_the_pruner_working_on_the_cpu(saved_gpt):
+    """The factors live on the CPU, so the pruner reads untouched matrices there: with the model's parameters on
+    another device (the meta device stands in for a GPU: placement without data), a truncation still builds, from
+    the checkpoint's own weights, and equals the float64 SVD truncation."""
+    ckpt = load_checkpoint(saved_gpt)
+    workspace = Workspace(ckpt)
+    runnable = runnable_model(ckpt)
+    runnable.module.to("meta")
+    pruner = Pruner(workspace, runnable)
+    pruner.apply(make_plan(workspace, "rank", 0.25))
+    w = workspace.weight(FC).double()
+    U, S, Vh = numpy_svd(w)
+    k = pruner.plan.cut(FC).kept_rank
+    exact = (U[:, :k] * S[:k]) @ Vh[:k]
+    got = pruner.matrix(FC)
+    assert got.device.type == "cpu"
+    np.testing.assert_allclose(got.double().numpy(), exact, atol=1e-5 * float(np.abs(exact).max()))
