@@ -73,7 +73,6 @@ def main() -> int:
                 if thumb.count() == 1:
                     break
                 time.sleep(0.1)
-            print(f"sliders on the page: {thumb.count()}", flush=True)
             thumb = thumb.last
             thumb.focus()
             estimates, fulls = [], []
