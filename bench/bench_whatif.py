@@ -112,7 +112,8 @@ def child(path: str, moves: bool, random_tokens: bool) -> dict:
     later = [move(v, time.perf_counter()) for v in MOVES] if moves else []
     checkpoint = runtime.workspace.checkpoint
     file_bytes = sum(os.path.getsize(f) for f in checkpoint.files) if checkpoint.files else 0
-    return {**marks, "imports_s": imports_s, "first": first, "moves": later, "peak_rss_mib": vm_hwm_mib(), "file_mib": file_bytes / 2**20,
+    return {**marks, "imports_s": imports_s, "first": first, "moves": later, "peak_rss_mib": vm_hwm_mib(),
+            "file_mib": file_bytes / 2**20,
             "positions": session.evaluator.batch.positions, "estimate_positions": session.evaluator.estimate_positions,
             "threads": torch.get_num_threads()}
 

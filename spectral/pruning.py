@@ -30,7 +30,8 @@ components, `LowRankWeight(−W·Q_r, Q_rᵀ, base=W)` over the model's own unto
 at most `RESIDUAL_SHARE` of the dense matrix: no new m × n buffer, and a slider move only re-slices the factors.
 Otherwise a truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built densely the cheapest of three exact ways: from the head
 (cost ∝ k), as W minus the tail (∝ r − k), or from the previous W_k' by adding or subtracting the components between
-k and k' (∝ |k − k'|, what a slider move needs); the incremental route is re-based by a full rebuild every `MAX_INCREMENTS` moves so float error cannot accumulate.
+k and k' (∝ |k − k'|, what a slider move needs); the incremental route is re-based by a full rebuild every
+`MAX_INCREMENTS` moves so float error cannot accumulate.
 """
 from __future__ import annotations
 

@@ -76,8 +76,9 @@ def test_factors_are_used_only_where_they_are_cheaper():
 
 
 def test_a_light_cut_is_held_as_the_model_weight_minus_its_tail_with_no_dense_buffer(tmp_path, monkeypatch):
-    """Rank 90% (the size floor lowered to the tiny model's matrices): each matrix is W minus its removed components over the model's own weight (no new m × n buffer),
-    its dense form equals W_k from a float64 SVD, and the evaluation equals the same cut applied densely."""
+    """Rank 90% (the size floor lowered to the tiny model's matrices): each matrix is W minus its removed components
+    over the model's own weight (no new m × n buffer), its dense form equals W_k from a float64 SVD, and the
+    evaluation equals the same cut applied densely."""
     import spectral.lowrank
 
     monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
