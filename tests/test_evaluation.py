@@ -179,6 +179,15 @@ def test_phi_is_accurate_across_the_series_switch():
     assert torch.all((got - exact).abs() <= 5e-7 * exact.abs() + 1e-30)
 
 
+def test_phi_with_every_entry_inside_the_series_bound():
+    """The path a mild cut takes (no entry beyond the bound, so no expm1 pass), against float64."""
+    x = torch.linspace(-0.5, 0.5, 1001)
+    x64 = x.double()
+    exact = torch.where(x64.abs() < 1e-3, x64 ** 2 / 2 + x64 ** 3 / 6 + x64 ** 4 / 24, torch.expm1(x64) - x64)
+    got = phi(x).double()
+    assert torch.all((got - exact).abs() <= 5e-7 * exact.abs() + 1e-30)
+
+
 def test_embedding_metrics_by_hand():
     ref = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     same = embedding_metrics(ref, ref * 2.0)
