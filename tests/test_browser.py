@@ -92,10 +92,24 @@ def metric_values(page) -> dict[str, str]:
     return {label.strip(): value.strip() for label, value in zip(labels, values)}
 
 
-def choose(page, key: str, option: str) -> None:
-    # typed into the combobox, the list holds only the match: a long one scrolls and re-renders under the click
-    page.locator(f'.st-key-{key} input[role="combobox"]').fill(option)
-    page.get_by_role("option", name=option, exact=True).click()
+def choose(page, key: str, option: str, attempts: int = 4) -> None:
+    # typed into the combobox, the list holds only the match: a long one scrolls and re-renders under the click.
+    # A rerun that redraws the widget while it is typed into (a loaded machine: a fragment still finishing) closes
+    # the list and drops the text, so an option that does not show within a few seconds is typed again.
+    box = page.locator(f'.st-key-{key} input[role="combobox"]')
+    item = page.get_by_role("option", name=option, exact=True)
+    for attempt in range(attempts):
+        box.fill(option)
+        try:
+            item.wait_for(state="visible", timeout=10_000)
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: the list was closed under us
+            if attempt == attempts - 1:
+                raise
+            page.keyboard.press("Escape")
+            wait_idle(page)
+            continue
+        item.click()
+        break
     page.wait_for_timeout(300)  # the rerun starts after the choice is sent; idle before that is the old run's
     wait_idle(page)
 
