@@ -58,7 +58,7 @@ def factors_and_singular_values(matrix: torch.Tensor, progress: Callable[[float]
                                 ) -> tuple[Factors, np.ndarray]:
     """`truncation_factors` and the float64 singular values they came from (descending): from one
     eigendecomposition, the spectrum `spectral.spectra.singular_values` gives, to rounding (eigh's eigenvalues
-    against eigvalsh's, both of the same Gram matrix; tests/test_factors.py measures it)."""
+    against eigvalsh's, both of the same Gram matrix; tests/test_workspace.py measures it)."""
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     m, n = matrix.shape

@@ -28,8 +28,8 @@ EIG_WORK = 4.0  # the eigensolver's cost in units of one Gram multiply-add per M
 EIG_BESIDE_MIN = 1024  # from this short side up, the eigensolver runs in its own thread (progress keeps moving);
 # below, one thread solves it in under ~0.2 s
 # OpenMP and MKL threads of the eigensolver. LAPACK's tridiagonal reduction is memory-bound and synchronises its
-# threads at every step: on the 2-core machine one thread took 2.2 s for M = 4096 where torch's two took 9.2 s, and 16 ms for
-# M = 512 where two took 6.8 s (other work running: a waiting thread spins through the other's time slices).
+# threads at every step: on the 2-core machine one thread took 2.2 s for M = 4096 where torch's two took 9.2 s, and
+# 16 ms for M = 512 where two took 6.8 s (other work running: a waiting thread spins through the other's time slices).
 EIG_THREADS = 1
 
 Progress = Callable[[float], None]  # the fraction of this matrix's work done, 0 to 1

@@ -258,28 +258,35 @@ class Workspace:
 
     def _fresh_truncation(self, info: MatrixInfo, progress: Fraction | None) -> Factors:
         """Compute one matrix's truncation factors; when its spectrum is pending and would be computed here (no
-        mapper, the CPU), the spectrum is taken from the same eigendecomposition (and its NaN check applies)."""
+        mapper, the CPU), `matrix_spectrum` takes it from the same eigendecomposition (NaN check included)."""
         w = self.weight(info.name)
-        with_spectrum = self.mapper is None and self.device == CPU and info.name not in self._spectra \
-            and info.name not in self._skipped
-        if with_spectrum:
-            try:
-                check_finite(w)
-            except NonFiniteMatrix as e:
-                self._skipped[info.name] = str(e)
-                raise
-        found, s = factors_and_singular_values(w, progress)
-        if with_spectrum:
-            self.adopt({info.name: Spectrum(info.name, tuple(info.shape), info.role, tuple(info.tied_with), s,
-                                            entries=entry_statistics(w.detach()))})
-        return found
+        if not (self._spectra_computed_here and info.name not in self._spectra and info.name not in self._skipped):
+            return factors_and_singular_values(w, progress)[0]
+        found: list[Factors] = []
+
+        def from_factors(matrix: torch.Tensor) -> np.ndarray:
+            factors, s = factors_and_singular_values(matrix, progress)
+            found.append(factors)
+            return s
+
+        try:
+            self.adopt({info.name: matrix_spectrum(w, info, svd=from_factors)})
+        except NonFiniteMatrix as e:
+            self._skipped[info.name] = str(e)
+            raise
+        return found[0]
+
+    @property
+    def _spectra_computed_here(self) -> bool:
+        """Spectra are computed by this process on the CPU (no Ray map, no GPU), by the route factors take too."""
+        return self.mapper is None and self.device == CPU
 
     def spectra_with_truncations(self, progress: Progress | None = None) -> dict[str, Spectrum]:
         """`spectra()`, where each pending spectrum comes with its truncation factors from one eigendecomposition:
         what-ifs need both, and the pair by separate routes costs two Gram matrices and two eigensolvers."""
         with self._lock:
             todo = self.spectra_from_disk()
-            if todo and self.mapper is None and self.device == CPU:
+            if todo and self._spectra_computed_here:
                 for i, info in enumerate(todo):
                     if progress:
                         progress(i, len(todo), info.name)
