@@ -48,7 +48,8 @@ from spectral.lora import (
 from spectral.matrices import MatrixInfo
 from spectral.runtime import BatchSpec, ModelRuntime
 from spectral.spectra import singular_values
-from spectral.workspace import Workspace
+from spectral.threads import map_single_threaded, worker_count
+from spectral.workspace import Workspace, concurrent_split
 
 Progress = Callable[[int, int, str], None]
 IGNORED_PREFIXES = STRIPPED_PREFIXES + ("base_model.model.",)  # torch.compile, DDP, PEFT wrappers
@@ -300,7 +301,8 @@ def top_singular_vectors(matrix: torch.Tensor, k: int) -> tuple[np.ndarray, np.n
     values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[m - k, m - 1], driver="evx")
     top = torch.from_numpy(vectors[:, ::-1].copy()).double()  # descending (a copy: torch refuses negative strides)
     s = torch.from_numpy(values[::-1].copy()).double().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
-    other = (w.T.double() @ top if wide else w.double() @ top) / s
+    top32 = top.float()  # the other side in float32, the accuracy the vectors have (no float64 copy of W)
+    other = (w.T @ top32 if wide else w @ top32).double() / s
     other /= torch.linalg.vector_norm(other, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
     left, right = (top, other) if wide else (other, top)
     return left.numpy(), right.numpy()
@@ -372,28 +374,69 @@ class PairComparer:
         found = self._vectors.get((side, name))
         return None if found is None or found.left.shape[1] < k else _Vectors(found.left[:, :k], found.right[:, :k])
 
+    def _needs(self, match: Match, k: int) -> tuple[bool, bool]:
+        """(ΔW's spectrum, the top-k vectors) still to compute for this pair."""
+        update = self._updates.get(match.a.name)
+        if self.same_content:
+            return update is None, False
+        vectors = k > 0 and not (update is not None and update.identical) and (
+            self._kept("a", match.a.name, k) is None or self._kept("b", match.b.name, k) is None)
+        return update is None, vectors
+
     def _prepare(self, match: Match, k: int) -> _Update:
         """ΔW's spectrum and ‖ΔW‖_F/‖W_A‖_F, and (for k > 0 and a real change) the top-k singular vectors of both
         sides, reading each matrix once; identical matrices: exactly zero, nothing computed."""
-        update = self._updates.get(match.a.name)
-        need_vectors = k > 0 and not self.same_content and not (update is not None and update.identical) and (
-            self._kept("a", match.a.name, k) is None or self._kept("b", match.b.name, k) is None)
-        if update is not None and not need_vectors:
-            return update
+        self._store(match, self._computed(match, k))
+        return self._updates[match.a.name]
+
+    def _prepare_all(self, todo: list[tuple[Match, int]], progress: Progress | None) -> None:
+        """`_prepare` for every (pair, k), small pairs side by side in single-threaded workers (spectral/threads.py;
+        the calling thread stores the results and reports progress), big ones one at a time."""
+        todo = [(m, k) for m, k in todo if any(self._needs(m, k))]
+        together, alone = concurrent_split([m.a for m, _ in todo], lambda info: 2 * 4)  # A and B as read
+        jobs = {m.a.name: (m, k) for m, k in todo}
+        done = 0
+        for info, result, error in map_single_threaded(lambda info: self._computed(*jobs[info.name]),
+                                                       together, worker_count()):
+            if error is not None:
+                raise error
+            self._store(jobs[info.name][0], result)
+            done += 1
+            if progress:
+                progress(done, len(todo), f"ΔW {info.name}")
+        for info in alone:
+            if progress:
+                progress(done, len(todo), f"ΔW {info.name}")
+            self._prepare(*jobs[info.name])
+            done += 1
+
+    def _computed(self, match: Match, k: int) -> tuple[_Update | None, dict[tuple[str, str], _Vectors]]:
+        """What `_needs` says is missing for this pair, computed without touching this object's caches (safe in a
+        worker thread): (ΔW's update or None when already known, the new top-k vectors by (side, name))."""
+        need_update, need_vectors = self._needs(match, k)
         if self.same_content:
-            update = self._updates[match.a.name] = _Update(True, 0.0, None)
-            return update
+            return (_Update(True, 0.0, None) if need_update else None), {}
+        if not (need_update or need_vectors):
+            return None, {}
         wa, wb = self.a.weight(match.a.name), self.b.weight(match.b.name)
-        if update is None:
+        update = None
+        if need_update:
             dtypes = (self.a.checkpoint.dtypes.get(match.a.name, "float32"),
                       self.b.checkpoint.dtypes.get(match.b.name, "float32"))
-            update = self._updates[match.a.name] = _delta(match, wa, wb, dtypes)
-        if k > 0 and not update.identical:
+            update = _delta(match, wa, wb, dtypes)
+        vectors = {}
+        if k > 0 and not (update or self._updates[match.a.name]).identical:
             for side, name, w in (("a", match.a.name, wa), ("b", match.b.name, wb)):
                 if self._kept(side, name, k) is None:
                     left, right = top_singular_vectors(w, k)
-                    self._vectors[(side, name)] = _Vectors(left.astype(np.float32), right.astype(np.float32))
-        return update
+                    vectors[(side, name)] = _Vectors(left.astype(np.float32), right.astype(np.float32))
+        return update, vectors
+
+    def _store(self, match: Match, computed: tuple[_Update | None, dict[tuple[str, str], _Vectors]]) -> None:
+        update, vectors = computed
+        if update is not None:
+            self._updates[match.a.name] = update
+        self._vectors.update(vectors)
 
     def deltas(self, settings: Settings = Settings()) -> dict[str, DeltaReport]:
         """Only the updates: ΔW's fit per matched matrix (A's name), without analysing A or B."""
@@ -437,9 +480,9 @@ class PairComparer:
         notes = list(self.matching.notes)
         out = []
         pairs = self.matching.pairs
-        for i, match in enumerate(pairs):
-            if progress:
-                progress(i, len(pairs), f"ΔW {match.a.name}")
+        self._prepare_all([(m, rows_a[m.a.name].n_signal) for m in pairs
+                           if m.a.name in rows_a and m.b.name in rows_b], progress)
+        for match in pairs:
             ra, rb = rows_a.get(match.a.name), rows_b.get(match.b.name)
             if ra is None or rb is None:
                 notes.append(f"{match.a.name}: skipped in {'A' if ra is None else 'B'} (NaN/Inf values)")
@@ -458,23 +501,29 @@ class PairComparer:
 
 
 def _delta(match: Match, wa: torch.Tensor, wb: torch.Tensor, dtypes: tuple[str, str]) -> _Update:
-    """ΔW = W_B − W_A in float64: its singular values (spectral/spectra.py's route), ‖ΔW‖_F/‖W_A‖_F and the rounding
-    σ of the stored weights (`dtypes`: A's and B's stored dtypes); bitwise equal matrices are identical without
-    arithmetic."""
+    """ΔW = W_B − W_A in float64: its singular values (spectral/spectra.py's route, the difference formed a slice at a
+    time), ‖ΔW‖_F/‖W_A‖_F and the rounding σ of the stored weights (`dtypes`: A's and B's stored dtypes); bitwise
+    equal matrices are identical without arithmetic."""
     if wa.dtype == wb.dtype and torch.equal(wa, wb):
         return _Update(True, 0.0, None)
-    delta = wb.to(torch.float64)
-    wa64 = wa.to(torch.float64)
-    norm_b = float(torch.linalg.matrix_norm(delta))
-    delta -= wa64
-    norm_d = float(torch.linalg.matrix_norm(delta))
+    s = singular_values(wb, minus=wa)
+    norm_d = math.sqrt(float(np.sum(np.square(s))))  # ‖ΔW‖_F² = Σ s_i² (the Gram matrix's trace)
     if norm_d == 0.0:
         return _Update(True, 0.0, None)
-    norm_a = float(torch.linalg.matrix_norm(wa64))
+    norm_a, norm_b = frobenius_norm(wa), frobenius_norm(wb)
     root = math.sqrt(wa.numel())
     rounding = max(rounding_sigma(dtypes[0], norm_a / root), rounding_sigma(dtypes[1], norm_b / root))
-    spectrum = Spectrum(match.a.name, tuple(match.a.shape), match.a.role, (), singular_values(delta))
+    spectrum = Spectrum(match.a.name, tuple(match.a.shape), match.a.role, (), s)
     return _Update(False, norm_d / norm_a if norm_a > 0 else math.inf, spectrum, rounding)
+
+
+def frobenius_norm(w: torch.Tensor, chunk_elements: int = 1 << 16) -> float:
+    """‖W‖_F accumulated in float64, a block of rows at a time (a float64 copy of W would double the memory)."""
+    step = max(1, chunk_elements // max(int(w.shape[-1]), 1))
+    total = 0.0
+    for begin in range(0, int(w.shape[0]), step):
+        total += float(torch.linalg.vector_norm(w[begin:begin + step], dtype=torch.float64)) ** 2
+    return math.sqrt(total)
 
 
 def open_pair(a, b=None) -> tuple[Checkpoint, Checkpoint]:

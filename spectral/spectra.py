@@ -17,9 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController
-
-from spectral.threads import mkl_threads_in_this_thread
+from spectral.threads import threads_in_this_thread
 
 GRAM_SAFE_RATIO = 1e-5  # below this s_min/s_max the Gram route loses digits: fall back to the SVD
 GRAM_BLOCK_BYTES = 32 << 20  # float64 bytes of W converted at a time while the Gram matrix is summed
@@ -35,20 +33,28 @@ EIG_THREADS = 1
 Progress = Callable[[float], None]  # the fraction of this matrix's work done, 0 to 1
 
 
-def singular_values(matrix: torch.Tensor, method: str = "auto", progress: Progress | None = None) -> np.ndarray:
-    """Singular values of a 2-D tensor, descending, float64. method: "auto" (Gram, SVD fallback), "gram" or "svd".
+def singular_values(matrix: torch.Tensor, method: str = "auto", progress: Progress | None = None, *,
+                    minus: torch.Tensor | None = None) -> np.ndarray:
+    """Singular values of a 2-D tensor (of `matrix − minus` when given), descending, float64. method: "auto"
+    (Gram, SVD fallback), "gram" or "svd".
 
     `progress(fraction)` is called as the work advances: after Gram slices, and while the eigensolver runs (its
-    fraction then estimated from how long the Gram product took, capped below the end), then with 1.0."""
+    fraction then estimated from how long the Gram product took, capped below the end), then with 1.0.
+    A difference is formed a slice at a time in float64, where the difference of two stored 16- or 32-bit floats is
+    exact: the same numbers as subtracting whole float64 copies, without them."""
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     if method not in ("auto", "gram", "svd"):
         raise ValueError(f"unknown method {method!r}; use auto, gram or svd")
+    if minus is not None and minus.shape != matrix.shape:
+        raise ValueError(f"cannot subtract shape {tuple(minus.shape)} from {tuple(matrix.shape)}")
     w = matrix.detach()
     if w.device.type != "cpu":
         w = w.cpu()
+    if minus is not None:
+        minus = minus.detach().cpu()
     if method == "svd":
-        s = torch.linalg.svdvals(w.to(torch.float64)).numpy()
+        s = torch.linalg.svdvals(_float64(w, minus)).numpy()
         if progress:
             progress(1.0)
         return s
@@ -58,7 +64,7 @@ def singular_values(matrix: torch.Tensor, method: str = "auto", progress: Progre
     total = gram_work + eig_work or 1.0
     report = _Reporter(progress)
     start = time.perf_counter()
-    gram = _gram(w, lambda done: report(done * gram_work / total))
+    gram = _gram(w, lambda done: report(done * gram_work / total), minus)
     gram_seconds = time.perf_counter() - start
     expected = gram_seconds * eig_work / max(gram_work, 1.0)  # the eigensolver's time, predicted from the Gram's
     eig = _eigvalsh(gram, report if progress else None,
@@ -66,7 +72,7 @@ def singular_values(matrix: torch.Tensor, method: str = "auto", progress: Progre
     del gram
     s = np.sqrt(np.clip(eig.numpy()[::-1], 0.0, None))
     if method == "auto" and s.size and s[0] > 0 and s[-1] < GRAM_SAFE_RATIO * s[0]:
-        s = torch.linalg.svdvals(w.to(torch.float64)).numpy()
+        s = torch.linalg.svdvals(_float64(w, minus)).numpy()
     if progress:
         progress(1.0)
     return np.ascontiguousarray(s)
@@ -80,12 +86,21 @@ def _eased(ratio: float) -> float:
     return 0.95 - 0.15 / (1.0 + (ratio - 0.8))
 
 
-def _gram(w: torch.Tensor, done: Callable[[float], None]) -> torch.Tensor:
-    """W·Wᵀ (rows ≤ cols) or Wᵀ·W in float64, summed over slices along the long side converted one at a time."""
+def _float64(w: torch.Tensor, minus: torch.Tensor | None) -> torch.Tensor:
+    """W (or W − minus) as one float64 matrix, for the SVD route."""
+    w64 = w.to(torch.float64)
+    if minus is not None:
+        w64 = (w64 - minus) if w64 is w else w64.sub_(minus)  # never write into the caller's float64 tensor
+    return w64
+
+
+def _gram(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | None = None) -> torch.Tensor:
+    """W·Wᵀ (rows ≤ cols) or Wᵀ·W in float64 (of W − minus when given), summed over slices along the long side
+    converted one at a time."""
     m, n = w.shape
     short, long = min(m, n), max(m, n)
-    if w.dtype == torch.float64 or short * long * 8 <= GRAM_BLOCK_BYTES:  # whole: no copy, or a small one
-        w64 = w.to(torch.float64)
+    if minus is None and (w.dtype == torch.float64 or short * long * 8 <= GRAM_BLOCK_BYTES):  # whole: no copy, or
+        w64 = w.to(torch.float64)  # a small one
         gram = w64 @ w64.T if m <= n else w64.T @ w64
         done(1.0)
         return gram
@@ -93,10 +108,14 @@ def _gram(w: torch.Tensor, done: Callable[[float], None]) -> torch.Tensor:
     gram = torch.zeros(short, short, dtype=torch.float64)
     for begin in range(0, long, step):
         if m <= n:
-            block = w[:, begin:begin + step].to(torch.float64)  # (M, b)
+            block = w[:, begin:begin + step].to(torch.float64, copy=minus is not None)  # (M, b)
+            if minus is not None:
+                block.sub_(minus[:, begin:begin + step])
             gram.addmm_(block, block.T)
         else:
-            block = w[begin:begin + step].to(torch.float64)  # (b, M)
+            block = w[begin:begin + step].to(torch.float64, copy=minus is not None)  # (b, M)
+            if minus is not None:
+                block.sub_(minus[begin:begin + step])
             gram.addmm_(block.T, block)
         done(min(begin + step, long) / long)
     return gram
@@ -138,7 +157,7 @@ def _eigh(gram: torch.Tensor, report: Callable[[float], None] | None, fraction: 
     its own (torch releases the GIL) and this thread keeps `report` moving with `fraction(elapsed)`, since LAPACK
     reports nothing while it works; below it the solver takes well under a second and runs here."""
     def solve() -> tuple[torch.Tensor, torch.Tensor | None]:
-        with _openmp().limit(limits=EIG_THREADS, user_api="openmp"), mkl_threads_in_this_thread(EIG_THREADS):
+        with threads_in_this_thread(EIG_THREADS):
             return tuple(torch.linalg.eigh(gram)) if vectors else (torch.linalg.eigvalsh(gram), None)
 
     if gram.shape[0] < EIG_BESIDE_MIN:
@@ -163,18 +182,6 @@ def _eigh(gram: torch.Tensor, report: Callable[[float], None] | None, fraction: 
     if "error" in result:
         raise result["error"]
     return result["values"]
-
-
-_CONTROLLER: list[ThreadpoolController] = []
-_CONTROLLER_LOCK = threading.Lock()
-
-
-def _openmp() -> ThreadpoolController:
-    """threadpoolctl's view of the loaded thread pools, found once (finding them scans the loaded libraries)."""
-    with _CONTROLLER_LOCK:
-        if not _CONTROLLER:
-            _CONTROLLER.append(ThreadpoolController())
-        return _CONTROLLER[0]
 
 
 class _Reporter:

@@ -11,9 +11,15 @@ import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import TypeVar
 
 import torch
+from threadpoolctl import ThreadpoolController
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _configured: int | None = None
 
@@ -88,3 +94,65 @@ def mkl_threads_in_this_thread(n: int) -> Iterator[None]:
         yield
     finally:
         function(previous)
+
+
+_CONTROLLER: list[ThreadpoolController] = []
+_CONTROLLER_LOCK = threading.Lock()
+
+
+def openmp_pools() -> ThreadpoolController:
+    """threadpoolctl's view of the loaded thread pools, found once (finding them scans the loaded libraries)."""
+    with _CONTROLLER_LOCK:
+        if not _CONTROLLER:
+            _CONTROLLER.append(ThreadpoolController())
+        return _CONTROLLER[0]
+
+
+@contextlib.contextmanager
+def threads_in_this_thread(n: int) -> Iterator[None]:
+    """OpenMP (torch's element-wise loops, LAPACK) and MKL (torch's matmul) use `n` threads for work started from
+    this thread, inside the block; other threads keep theirs (an OpenMP thread count is per thread, and MKL's is
+    set with `mkl_threads_in_this_thread`)."""
+    with openmp_pools().limit(limits=n, user_api="openmp"), mkl_threads_in_this_thread(n):
+        yield
+
+
+def worker_count() -> int:
+    """How many single-threaded workers batch work may run at once: torch's configured thread count."""
+    return max(1, configure_threads())
+
+
+def map_single_threaded(function: Callable[[T], R], items: Iterable[T], workers: int
+                        ) -> Iterator[tuple[T, R | None, BaseException | None]]:
+    """Apply `function` to every item in `workers` threads of one OpenMP/MKL thread each, yielding (item, result,
+    None) or (item, None, the exception raised) in the calling thread as each finishes (the caller reports
+    progress: Streamlit's widgets accept calls from the script's thread only). One worker runs in the caller.
+
+    Why: per matrix, half the work (LAPACK's tridiagonal reduction, the O(mn) passes) uses one core however many
+    threads it is given; on two cores, two matrices at once, one thread each, took 3.7 s where one at a time on two
+    threads took 5.3 s (GPT-2 small's 50 matrices, bench/bench_compare.py)."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            try:
+                yield item, function(item), None
+            except Exception as error:  # noqa: BLE001 - handed to the caller, like a worker's
+                yield item, None, error
+        return
+
+    def one(item: T) -> R:
+        with threads_in_this_thread(1):
+            return function(item)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spectral") as pool:
+        pending = {pool.submit(one, item): item for item in items}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    item = pending.pop(future)
+                    error = future.exception()
+                    yield item, (None if error is not None else future.result()), error
+        finally:  # the caller stopped early or raised: drop what has not started
+            for future in pending:
+                future.cancel()

@@ -11,6 +11,7 @@ checkpoint's sha256 and the matrix name (spectral/cache.py), so reopening a chec
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -36,7 +37,7 @@ from spectral.factors import Factors, factors_and_singular_values
 from spectral.matrices import MatrixInfo, find_matrices, matrix_view
 from spectral.nulls import DEFAULT_SHUFFLES, NULLS, biwhitened_spectrum, permutation_null
 from spectral.spectra import singular_values
-from spectral.threads import configure_threads
+from spectral.threads import configure_threads, map_single_threaded, worker_count
 
 Fraction = Callable[[float], None]  # progress within one matrix, 0..1
 SPECTRUM_ENTRY = "spectrum-v1"  # disk-cache kinds; bump when what is stored changes
@@ -48,7 +49,7 @@ class NonFiniteMatrix(ValueError):
     """A matrix with NaN or Inf entries: it has no spectrum and is skipped; `str(error)` is the reason."""
 
 
-FINITE_CHECK_ELEMENTS = 1 << 22  # entries checked at a time: the check's temporaries stay small beside W
+FINITE_CHECK_ELEMENTS = 1 << 16  # entries checked at a time: small temporaries, fastest (cache-resident)
 
 
 def check_finite(matrix: torch.Tensor) -> None:
@@ -62,17 +63,42 @@ def check_finite(matrix: torch.Tensor) -> None:
         raise NonFiniteMatrix(f"{bad} NaN/Inf values: matrix skipped")
 
 
+CONCURRENT_MAX_BYTES = 256 << 20  # matrices whose working set is at most this run two (or more) at a time
+
+
+def working_bytes(info: MatrixInfo, itemsize: int = 4) -> int:
+    """What computing one spectrum holds beside the process: the matrix as read (`itemsize` bytes an entry), the
+    float64 Gram matrix and the eigensolver's copy of it (spectral/spectra.py; its float64 slices are bounded
+    separately)."""
+    rows, cols = info.shape
+    return rows * cols * itemsize + 2 * 8 * min(rows, cols) ** 2
+
+
+def concurrent_split(infos: list[MatrixInfo], itemsize: Callable[[MatrixInfo], int] = lambda m: 4
+                     ) -> tuple[list[MatrixInfo], list[MatrixInfo]]:
+    """(matrices small enough to run side by side, largest first so the workers finish together; the rest, which
+    run one at a time with all threads and their own progress, so peak memory stays one big matrix)."""
+    small = [m for m in infos if working_bytes(m, itemsize(m)) <= CONCURRENT_MAX_BYTES]
+    names = {m.name for m in small}
+    work = lambda m: min(m.shape) ** 2 * (max(m.shape) + 4 * min(m.shape))  # noqa: E731 - Gram + eigensolver
+    return sorted(small, key=work, reverse=True), [m for m in infos if m.name not in names]
+
+
 def matrix_spectrum(matrix: torch.Tensor, info: MatrixInfo, *,
                     svd: Callable[[torch.Tensor], np.ndarray] | None = None,
                     progress: Fraction | None = None) -> Spectrum:
     """The per-matrix work of `Workspace.spectra`, pure: float64 singular values (spectral.spectra, or `svd` for
     another device) and the entry statistics of the diagnostics (one O(mn) pass). Raises `NonFiniteMatrix`.
     A distributed map calls this on workers and gets exactly what the local run gets."""
-    check_finite(matrix)
     w = matrix.detach()
+    # entry statistics convert slices to float64 one at a time, like the Gram product: no float64 copy of W. Their
+    # sums are finite exactly when every entry is (float64 sums of squares of 16/32-bit floats cannot overflow), so
+    # the entry-by-entry count runs only when they are not.
+    entries = entry_statistics(w)
+    if not math.isfinite(entries.mean_square):
+        check_finite(w)
     s = svd(w) if svd is not None else singular_values(w, progress=progress)
-    # entry statistics convert slices to float64 one at a time, like the Gram product: no float64 copy of W
-    return Spectrum(info.name, tuple(info.shape), info.role, tuple(info.tied_with), s, entries=entry_statistics(w))
+    return Spectrum(info.name, tuple(info.shape), info.role, tuple(info.tied_with), s, entries=entries)
 
 
 def null_spectrum(spectrum: Spectrum, matrix: torch.Tensor, null: str, *, shuffles: int = DEFAULT_SHUFFLES,
@@ -137,6 +163,11 @@ class Workspace:
         info = self.info(name)
         return matrix_view(self.checkpoint.tensor(info.name), info)
 
+    def itemsize(self, info: MatrixInfo) -> int:
+        """Bytes per entry of the matrix as read (quantised GGUF tensors are read dequantised, as float32)."""
+        dtype = self.checkpoint.dtypes.get(info.name, "float32")
+        return 8 if dtype == "float64" else 2 if dtype in ("float16", "bfloat16") else 4
+
     def spectra(self, progress: Progress | None = None) -> dict[str, Spectrum]:
         """Singular values of every finite matrix, computed once; matrices with NaN/Inf are skipped with a reason."""
         with self._lock:
@@ -145,19 +176,37 @@ class Workspace:
                 self.adopt(self.mapper.spectra(self.checkpoint, todo, progress))
                 todo = []
             svd = None if self.device == CPU else (lambda w: singular_values_on(w, self.device))
-            for i, info in enumerate(todo):
+            together, alone = concurrent_split(todo, self.itemsize) if self.device == CPU else ([], todo)
+            done = 0
+            for info, spectrum, error in map_single_threaded(
+                    lambda info: matrix_spectrum(self.weight(info.name), info), together, worker_count()):
+                self._take(info, spectrum, error)
+                done += 1
                 if progress:
-                    progress(i, len(todo), info.name)
+                    progress(done, len(todo), info.name)
+            for info in alone:
+                if progress:
+                    progress(done, len(todo), info.name)
                 try:
                     spectrum = matrix_spectrum(self.weight(info.name), info, svd=svd,
-                                               progress=_within(progress, i, len(todo), info.name))
-                except NonFiniteMatrix as e:
-                    self._skipped[info.name] = str(e)
-                    continue
-                self.adopt({info.name: spectrum})
+                                               progress=_within(progress, done, len(todo), info.name))
+                except NonFiniteMatrix as error:
+                    spectrum = error
+                self._take(info, spectrum, None)
+                done += 1
             if progress and todo:
                 progress(len(todo), len(todo), "")
             return {m.name: self._spectra[m.name] for m in self.matrices if m.name in self._spectra}
+
+    def _take(self, info: MatrixInfo, spectrum: Spectrum | NonFiniteMatrix | None, error: BaseException | None
+              ) -> None:
+        """Adopt one computed spectrum, or record why the matrix is skipped (NaN/Inf); other errors propagate."""
+        if isinstance(error, NonFiniteMatrix) or isinstance(spectrum, NonFiniteMatrix):
+            self._skipped[info.name] = str(error or spectrum)
+        elif error is not None:
+            raise error
+        else:
+            self.adopt({info.name: spectrum})
 
     def spectra_from_disk(self) -> list[MatrixInfo]:
         """Take what the disk cache holds of the pending spectra; returns the matrices still pending after that."""

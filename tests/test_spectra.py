@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from spectral import spectra
+from spectral.threads import openmp_pools
 from spectral.spectra import singular_values
 
 
@@ -133,11 +134,34 @@ def test_the_eigensolver_runs_with_its_own_openmp_thread_count(monkeypatch):
     real = torch.linalg.eigvalsh
 
     def spy(gram):
-        seen.append([lib["num_threads"] for lib in spectra._openmp().info() if lib["user_api"] == "openmp"])
+        seen.append([lib["num_threads"] for lib in openmp_pools().info() if lib["user_api"] == "openmp"])
         return real(gram)
 
     monkeypatch.setattr(torch.linalg, "eigvalsh", spy)
-    before = [lib["num_threads"] for lib in spectra._openmp().info() if lib["user_api"] == "openmp"]
+    before = [lib["num_threads"] for lib in openmp_pools().info() if lib["user_api"] == "openmp"]
     singular_values(torch.randn(256, 512))
     assert seen and seen[0] and all(n == spectra.EIG_THREADS for n in seen[0])
-    assert [lib["num_threads"] for lib in spectra._openmp().info() if lib["user_api"] == "openmp"] == before
+    assert [lib["num_threads"] for lib in openmp_pools().info() if lib["user_api"] == "openmp"] == before
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40)])
+def test_singular_values_of_a_difference_equal_the_svd_of_the_float64_difference(shape, monkeypatch):
+    """`minus`: the difference formed a slice at a time (slices forced small here) is exact, so the spectrum is the
+    float64 SVD's; an exactly low-rank difference takes the SVD fallback; the caller's tensors are untouched."""
+    monkeypatch.setattr(spectra, "GRAM_BLOCK_BYTES", 8 * 40 * 7)  # 7 columns (or rows) a slice
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(*shape, generator=g)
+    b = a + 1e-3 * torch.randn(*shape, generator=g)
+    before_a, before_b = a.clone(), b.clone()
+    expected = np.linalg.svd((b.double() - a.double()).numpy(), compute_uv=False)
+    np.testing.assert_allclose(singular_values(b, minus=a), expected, rtol=1e-9, atol=1e-12 * expected[0])
+    low = a + torch.outer(torch.randn(shape[0], generator=g), torch.randn(shape[1], generator=g))  # rank one
+    exact = np.linalg.svd((low.double() - a.double()).numpy(), compute_uv=False)
+    found = singular_values(low, minus=a)
+    assert found[0] == pytest.approx(exact[0], rel=1e-12) and np.all(found[1:] < 1e-5 * exact[0])
+    assert torch.equal(a, before_a) and torch.equal(b, before_b)
+    a64 = a.double()
+    singular_values(b.double(), minus=a64, method="svd")
+    assert torch.equal(a64, before_a.double())
+    with pytest.raises(ValueError, match="cannot subtract"):
+        singular_values(b, minus=a.T)

@@ -59,3 +59,39 @@ def test_mkl_thread_limit_binds_only_the_thread_that_sets_it():
         "seen['after'] = get()\n"
         "print(seen['before'] * 1000 + seen['inside'] * 100 + seen['other'] * 10 + seen['after'])")
     assert threads_in_fresh_process(code) == 2122
+
+
+def test_map_single_threaded_returns_every_item_once_in_the_callers_thread_with_errors_handed_back():
+    """Workers run one OpenMP thread each; results and exceptions come back to the calling thread (where the
+    dashboard's progress widgets must be called), each item exactly once."""
+    import threading
+
+    from spectral.threads import map_single_threaded, openmp_pools
+
+    caller = threading.current_thread()
+
+    def work(i: int) -> tuple[int, list[int]]:
+        if i == 3:
+            raise ValueError("three")
+        pools = [p["num_threads"] for p in openmp_pools().info() if p["user_api"] == "openmp"]
+        return i * i, pools
+
+    seen = {}
+    for item, result, error in map_single_threaded(work, range(8), workers=2):
+        assert threading.current_thread() is caller
+        seen[item] = (result, error)
+    assert sorted(seen) == list(range(8))
+    assert isinstance(seen[3][1], ValueError) and seen[3][0] is None
+    for i in set(range(8)) - {3}:
+        square, pools = seen[i][0]
+        assert square == i * i and seen[i][1] is None
+        assert all(n == 1 for n in pools)  # each worker limited to one thread
+
+
+def test_map_single_threaded_with_one_worker_runs_in_the_caller():
+    import threading
+
+    from spectral.threads import map_single_threaded
+
+    names = [r for _, r, _ in map_single_threaded(lambda _: threading.current_thread().name, range(3), workers=1)]
+    assert names == [threading.current_thread().name] * 3
