@@ -373,3 +373,25 @@ def test_compare_page_on_two_checkpoints_the_test_writes(tmp_path, monkeypatch):
     assert "Top-1 agreement" in {m.label for m in at.metric}
     at.selectbox(key="cmp_B_server").set_value("other.safetensors").run()
     assert at.error and "no weight matrix" in at.error[0].value  # refused in place, the page stays up
+
+
+def test_a_pair_opens_both_at_once_and_a_missing_file_is_named():
+    """`both` runs B's opening in a second thread while A's runs here (two sleeps of 0.3 s take about 0.3 s), and
+    an unreadable A or B raises its own CheckpointError, naming that file."""
+    import threading
+    import time as clock
+
+    from spectral.checkpoint import CheckpointError
+    from spectral.compare import both, open_pair
+
+    def slow(x):
+        clock.sleep(0.3)
+        return x, threading.current_thread().name
+
+    start = clock.perf_counter()
+    (a, thread_a), (b, thread_b) = both(slow, "a", "b")
+    assert (a, b) == ("a", "b") and thread_a != thread_b and clock.perf_counter() - start < 0.55
+    with pytest.raises(CheckpointError, match="nope-b"):
+        open_pair("demo", "/nonexistent/nope-b.safetensors")
+    with pytest.raises(CheckpointError, match="nope-a"):
+        open_pair("/nonexistent/nope-a.safetensors", "demo")
