@@ -7,6 +7,7 @@ from it included), so nothing here keeps its memory alive; `path` lets a user's 
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import OrderedDict
@@ -89,11 +90,15 @@ class Library:
                 self._items.move_to_end(opened.sha256)
                 return existing
             self._items[opened.sha256] = opened
+            evicted = False
             while len(self._items) > self.capacity:
                 old, _ = self._items.popitem(last=False)
                 self._paths = {k: v for k, v in self._paths.items() if v != old}
                 self._sessions = OrderedDict((k, v) for k, v in self._sessions.items() if k[1] != old)
-            return opened
+                evicted = True
+        if evicted:  # what the evicted checkpoint held in reference cycles is freed now, not at Python's next full
+            gc.collect()  # collection (the server runs none after each script: .streamlit/config.toml)
+        return opened
 
     def open_checkpoint(self, checkpoint: Checkpoint, label: str, origin: str, path: str | None = None) -> Opened:
         """A loaded checkpoint as an `Opened` (the one already open when its content is known)."""
