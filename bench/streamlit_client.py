@@ -19,7 +19,8 @@ import websockets
 from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
-TIMEOUT = 300.0  # seconds to wait for one message before the session is declared dead
+TIMEOUT = 120.0  # seconds to wait for one message before the session is declared dead (asyncio.TimeoutError);
+# among the causes: Streamlit drops, without a word, a fragment rerun for a fragment the page no longer draws
 
 
 @dataclass

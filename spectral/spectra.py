@@ -40,8 +40,9 @@ def singular_values(matrix: torch.Tensor, method: str = "auto", progress: Progre
 
     `progress(fraction)` is called as the work advances: after Gram slices, and while the eigensolver runs (its
     fraction then estimated from how long the Gram product took, capped below the end), then with 1.0.
-    A difference is formed a slice at a time in float64, where the difference of two stored 16- or 32-bit floats is
-    exact: the same numbers as subtracting whole float64 copies, without them."""
+    A difference is formed a slice at a time in float64 (the difference of two stored 16- or 32-bit floats is exact
+    there unless their exponents are ~30 binades apart): the same element-wise arithmetic as subtracting whole
+    float64 copies, without them."""
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     if method not in ("auto", "gram", "svd"):

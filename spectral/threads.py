@@ -112,7 +112,10 @@ def openmp_pools() -> ThreadpoolController:
 def threads_in_this_thread(n: int) -> Iterator[None]:
     """OpenMP (torch's element-wise loops, LAPACK) and MKL (torch's matmul) use `n` threads for work started from
     this thread, inside the block; other threads keep theirs (an OpenMP thread count is per thread, and MKL's is
-    set with `mkl_threads_in_this_thread`)."""
+    set with `mkl_threads_in_this_thread`). torch sets a thread's OpenMP and MKL counts to its process-wide count
+    the first time that thread asks for its thread count (its lazy per-thread initialisation), which would undo a
+    limit set before; asking first makes that happen here, before the limits."""
+    torch.get_num_threads()
     with openmp_pools().limit(limits=n, user_api="openmp"), mkl_threads_in_this_thread(n):
         yield
 
@@ -126,7 +129,9 @@ def map_single_threaded(function: Callable[[T], R], items: Iterable[T], workers:
                         ) -> Iterator[tuple[T, R | None, BaseException | None]]:
     """Apply `function` to every item in `workers` threads of one OpenMP/MKL thread each, yielding (item, result,
     None) or (item, None, the exception raised) in the calling thread as each finishes (the caller reports
-    progress: Streamlit's widgets accept calls from the script's thread only). One worker runs in the caller.
+    progress: Streamlit's widgets accept calls from the script's thread only). With one worker (or one item) the
+    items run in the calling thread, on its own thread settings. A caller that stops early (an exception out of its
+    loop) drops results not yet yielded and waits for the items already running; the rest are not started.
 
     Why: per matrix, half the work (LAPACK's tridiagonal reduction, the O(mn) passes) uses one core however many
     threads it is given; on two cores, two matrices at once, one thread each, took 3.7 s where one at a time on two

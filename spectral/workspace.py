@@ -63,7 +63,7 @@ def check_finite(matrix: torch.Tensor) -> None:
         raise NonFiniteMatrix(f"{bad} NaN/Inf values: matrix skipped")
 
 
-CONCURRENT_MAX_BYTES = 256 << 20  # matrices whose working set is at most this run two (or more) at a time
+CONCURRENT_BYTES = 512 << 20  # what matrices computed side by side may hold at once, split evenly between workers
 
 
 def working_bytes(info: MatrixInfo, itemsize: int = 4) -> int:
@@ -74,11 +74,15 @@ def working_bytes(info: MatrixInfo, itemsize: int = 4) -> int:
     return rows * cols * itemsize + 2 * 8 * min(rows, cols) ** 2
 
 
-def concurrent_split(infos: list[MatrixInfo], itemsize: Callable[[MatrixInfo], int] = lambda m: 4
+def concurrent_split(infos: list[MatrixInfo], workers: int, itemsize: Callable[[MatrixInfo], int] = lambda m: 4
                      ) -> tuple[list[MatrixInfo], list[MatrixInfo]]:
-    """(matrices small enough to run side by side, largest first so the workers finish together; the rest, which
-    run one at a time with all threads and their own progress, so peak memory stays one big matrix)."""
-    small = [m for m in infos if working_bytes(m, itemsize(m)) <= CONCURRENT_MAX_BYTES]
+    """(matrices to run side by side in `workers` workers: each working set at most CONCURRENT_BYTES / workers,
+    largest first so the workers finish together; the rest, in their order, which run one at a time on every thread
+    with progress within each matrix). With one worker everything is in the second list."""
+    if workers <= 1:
+        return [], list(infos)
+    limit = CONCURRENT_BYTES // workers
+    small = [m for m in infos if working_bytes(m, itemsize(m)) <= limit]
     names = {m.name for m in small}
     work = lambda m: min(m.shape) ** 2 * (max(m.shape) + 4 * min(m.shape))  # noqa: E731 - Gram + eigensolver
     return sorted(small, key=work, reverse=True), [m for m in infos if m.name not in names]
@@ -176,10 +180,11 @@ class Workspace:
                 self.adopt(self.mapper.spectra(self.checkpoint, todo, progress))
                 todo = []
             svd = None if self.device == CPU else (lambda w: singular_values_on(w, self.device))
-            together, alone = concurrent_split(todo, self.itemsize) if self.device == CPU else ([], todo)
+            workers = worker_count() if self.device == CPU else 1
+            together, alone = concurrent_split(todo, workers, self.itemsize)
             done = 0
             for info, spectrum, error in map_single_threaded(
-                    lambda info: matrix_spectrum(self.weight(info.name), info), together, worker_count()):
+                    lambda info: matrix_spectrum(self.weight(info.name), info), together, workers):
                 self._take(info, spectrum, error)
                 done += 1
                 if progress:

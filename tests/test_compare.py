@@ -376,8 +376,8 @@ def test_compare_page_on_two_checkpoints_the_test_writes(tmp_path, monkeypatch):
 
 
 def test_a_pair_opens_both_at_once_and_a_missing_file_is_named():
-    """`both` runs B's opening in a second thread while A's runs here (two sleeps of 0.3 s take about 0.3 s), and
-    an unreadable A or B raises its own CheckpointError, naming that file."""
+    """`both` runs B's opening in a second thread while A's runs here (two sleeps of 0.3 s take about 0.3 s), opens
+    the same source once, and an unreadable A or B raises its own CheckpointError, naming that file."""
     import threading
     import time as clock
 
@@ -391,6 +391,9 @@ def test_a_pair_opens_both_at_once_and_a_missing_file_is_named():
     start = clock.perf_counter()
     (a, thread_a), (b, thread_b) = both(slow, "a", "b")
     assert (a, b) == ("a", "b") and thread_a != thread_b and clock.perf_counter() - start < 0.55
+    calls = []
+    first, second = both(lambda x: calls.append(x) or object(), "same.safetensors", "same.safetensors")
+    assert first is second and calls == ["same.safetensors"]  # the same source is opened once
     with pytest.raises(CheckpointError, match="nope-b"):
         open_pair("demo", "/nonexistent/nope-b.safetensors")
     with pytest.raises(CheckpointError, match="nope-a"):

@@ -66,15 +66,20 @@ def test_map_single_threaded_returns_every_item_once_in_the_callers_thread_with_
     dashboard's progress widgets must be called), each item exactly once."""
     import threading
 
-    from spectral.threads import map_single_threaded, openmp_pools
+    import torch
 
+    from spectral.threads import configure_threads, map_single_threaded, openmp_pools
+
+    configure_threads(2)  # as on the 2-core CI machine, whatever this one has
     caller = threading.current_thread()
 
     def work(i: int) -> tuple[int, list[int]]:
         if i == 3:
             raise ValueError("three")
+        x = torch.randn(1 << 16)
+        float((x * x).sum())  # a parallel op first: torch's per-thread initialisation must not undo the limit
         pools = [p["num_threads"] for p in openmp_pools().info() if p["user_api"] == "openmp"]
-        return i * i, pools
+        return i * i, pools + [torch.get_num_threads()]
 
     seen = {}
     for item, result, error in map_single_threaded(work, range(8), workers=2):

@@ -138,9 +138,9 @@ def test_spectrum_fields_keep_the_positional_constructor():
 
 
 def test_spectra_run_side_by_side_with_progress_in_the_callers_thread(checkpoint_path, monkeypatch):
-    """Small matrices go to single-threaded workers (largest first), a matrix over the memory bound runs alone; the
-    spectra equal one-at-a-time's to rounding, the NaN matrix is skipped with its reason, and every progress call
-    comes from the calling thread, counting up to the end."""
+    """Small matrices go to single-threaded workers (largest first), a matrix over its share of the memory bound runs
+    alone; the spectra equal one-at-a-time's to rounding, the NaN matrix is skipped with its reason, and every
+    progress call comes from the calling thread, counting up to the end."""
     import threading
 
     import spectral.workspace as workspace
@@ -149,8 +149,9 @@ def test_spectra_run_side_by_side_with_progress_in_the_callers_thread(checkpoint
     infos = {m.name: m for m in ws.matrices}
     bound = workspace.working_bytes(infos["blocks.0.mlp.c_fc.weight"])
     assert workspace.working_bytes(infos["tok_emb.weight"]) > bound
-    monkeypatch.setattr(workspace, "CONCURRENT_MAX_BYTES", bound)
-    together, alone = workspace.concurrent_split(ws.matrices)
+    monkeypatch.setattr(workspace, "CONCURRENT_BYTES", 2 * bound)  # two workers: `bound` each
+    assert workspace.concurrent_split(ws.matrices, 1) == ([], ws.matrices)  # one worker: all alone, in order
+    together, alone = workspace.concurrent_split(ws.matrices, 2)
     assert [m.name for m in alone] == ["tok_emb.weight"]
     assert [m.name for m in together] == ["blocks.0.mlp.c_fc.weight", "blocks.0.attn.c_proj.weight"]
     monkeypatch.setattr(workspace, "worker_count", lambda: 2)
