@@ -8,7 +8,8 @@
    signal in every matrix, B = A plus a fine-tune-like update: small noise everywhere and a rank-8 change in half
    the matrices): whole-process `analyze A` against whole-process `compare A B` (fresh processes, imports included,
    median of --repeats), then both again in one process from the time the files are opened (engine only), and a
-   re-compare of the same files in the same process (the cache: unchanged files are not even hashed again).
+   re-compare of the same files in the same process (the cache: unchanged files are not even hashed again). The
+   disk cache is off for all of these (SPECTRA_CACHE=off): every spectrum is computed.
    Targets: compare ≤ 2.2× analyze; re-compare instant.
 2. A 20-checkpoint trajectory of the demo: models/train_demo.py writes 20 fp16 snapshots of a short run (steps
    0, 2, ..., 38) into a temporary folder; `trajectory` over it cold (fresh process and disk cache, imports
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="SPECTRA_THREADS (default: every core)")
     args = parser.parse_args()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SPECTRA_CACHE="off")  # part 1 measures the work, not the disk cache
     if args.threads:
         env["SPECTRA_THREADS"] = str(args.threads)
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, torch {torch.__version__}, "
