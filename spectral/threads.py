@@ -12,7 +12,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TypeVar
 
 import torch
@@ -145,19 +145,27 @@ def map_single_threaded(function: Callable[[T], R], items: Iterable[T], workers:
                 yield item, None, error
         return
 
-    def one(item: T) -> R:
-        with threads_in_this_thread(1):
-            return function(item)
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spectral") as pool:
-        pending = {pool.submit(one, item): item for item in items}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spectral", initializer=_one_thread_from_now
+                            ) as pool:
+        futures = {pool.submit(function, item): item for item in items}
         try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    item = pending.pop(future)
-                    error = future.exception()
-                    yield item, (None if error is not None else future.result()), error
+            for future in as_completed(futures):  # O(1) a result: `wait` rescans every pending future each time
+                error = future.exception()
+                yield futures[future], (None if error is not None else future.result()), error
         finally:  # the caller stopped early or raised: drop what has not started
-            for future in pending:
+            for future in futures:
                 future.cancel()
+
+
+_LIMITS = threading.local()
+
+
+def _one_thread_from_now() -> None:
+    """A pool worker's initializer: one OpenMP and one MKL thread for the rest of this thread's life, set once rather
+    than around every item. The pool's threads end with it, so nothing is restored; torch's own per-thread
+    initialisation runs first (see `threads_in_this_thread`)."""
+    torch.get_num_threads()
+    _LIMITS.openmp = openmp_pools().limit(limits=1, user_api="openmp")  # kept: the limiter lives with the thread
+    function = _mkl_set_local()
+    if function is not None:
+        function(1)

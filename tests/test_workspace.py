@@ -151,6 +151,8 @@ def test_spectra_run_side_by_side_with_progress_in_the_callers_thread(checkpoint
     assert workspace.working_bytes(infos["tok_emb.weight"]) > bound
     monkeypatch.setattr(workspace, "CONCURRENT_BYTES", 2 * bound)  # two workers: `bound` each
     assert workspace.concurrent_split(ws.matrices, 1) == ([], ws.matrices)  # one worker: all alone, in order
+    assert workspace.concurrent_split(ws.matrices, 2) == ([], ws.matrices)  # all under CONCURRENT_MIN_ENTRIES
+    monkeypatch.setattr(workspace, "CONCURRENT_MIN_ENTRIES", 0)
     together, alone = workspace.concurrent_split(ws.matrices, 2)
     assert [m.name for m in alone] == ["tok_emb.weight"]
     assert [m.name for m in together] == ["blocks.0.mlp.c_fc.weight", "blocks.0.attn.c_proj.weight"]
