@@ -294,7 +294,7 @@ def main() -> None:
         local_gpt2 = local_run(2, gpt2, tmp / "gpt2.pkl") if gpt2 else None
         local_ten = local_run(1, ten, tmp / "ten.pkl")
         start = time.perf_counter()
-        rmap = RayMap("local", workers=args.workers)
+        rmap = RayMap("local", workers=args.workers, dashboard=True)  # the state API counts busy workers
         try:
             rmap.wait_until_warm()  # every worker has imported torch and spectral before anything is timed
             print(f"cluster: {rmap.describe()}; started and warmed in {time.perf_counter() - start:.1f} s")

@@ -144,10 +144,13 @@ class RayMap:
     address: host:port or ray://host:port of an existing cluster, "local" for a throwaway cluster on this machine
     (`workers` processes), or None for RAY_ADDRESS. Each task takes `threads_per_task` cores (torch's intra-op
     pool); `device` is cpu, cuda or auto (cuda when the cluster has GPUs); with `shared_filesystem=False` tensors
-    travel through the object store even when the driver sees the files."""
+    travel through the object store even when the driver sees the files. A local cluster runs Ray's dashboard (and
+    so its state API, `busy_workers`) only when `dashboard` is true, and then best-effort: a dashboard that does not
+    come up within Ray's start-up timeout is logged and the cluster runs without it (CI saw one take over 60 s on a
+    loaded 2-core machine); nothing but `busy_workers` needs it, and our own progress reports the work."""
 
     def __init__(self, address: str | None = None, *, workers: int | None = None, threads_per_task: int = 1,
-                 device: str = "cpu", shared_filesystem: bool = True, dashboard: bool = True):
+                 device: str = "cpu", shared_filesystem: bool = True, dashboard: bool = False):
         if device not in DEVICES:
             raise DeviceError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
         self.address = resolve_address(address)
@@ -160,7 +163,10 @@ class RayMap:
             try:
                 if self.address == "local":
                     cores = workers or len(os.sched_getaffinity(0))
-                    ray.init(address="local", num_cpus=cores * self.threads_per_task, include_dashboard=dashboard,
+                    # include_dashboard=None: Ray's "if it can", whose failure is not fatal; False still starts
+                    # Ray's minimal API server, equally non-fatal
+                    ray.init(address="local", num_cpus=cores * self.threads_per_task,
+                             include_dashboard=None if dashboard else False,
                              dashboard_host="127.0.0.1", dashboard_port=_free_port() if dashboard else None,
                              **options)
                 else:
