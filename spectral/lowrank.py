@@ -111,6 +111,18 @@ def cheaper_factorised(shape: tuple[int, int], rank: int) -> bool:
     return 0 < rank and rank * (m + n) < m * n
 
 
+def most_factorised(shape: tuple[int, int]) -> int:
+    """The largest rank `cheaper_factorised` accepts for this shape."""
+    m, n = shape
+    return (m * n - 1) // (m + n)
+
+
+def most_residual(shape: tuple[int, int]) -> int:
+    """The most removed components `cheaper_residual` accepts for this shape (0 for matrices it leaves dense)."""
+    m, n = shape
+    return int(RESIDUAL_SHARE * m * n // (m + n)) if m * n > RESIDUAL_MIN_ELEMENTS else 0
+
+
 def cheaper_residual(shape: tuple[int, int], removed: int) -> bool:
     """base + left·right with `removed` components costs (m + n) per removed component beyond the base's m·n per row,
     and stores only those: worth it (against a new dense m × n buffer) while that is under RESIDUAL_SHARE of m·n, for

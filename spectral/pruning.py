@@ -48,7 +48,8 @@ from safetensors.torch import save, save_file
 
 from models.registry import gpt_metadata
 from spectral.analysis import Settings, factorised_params
-from spectral.lowrank import LowRankWeight, cheaper_factorised, cheaper_residual
+from spectral.factors import HeldComponents
+from spectral.lowrank import LowRankWeight, cheaper_factorised, cheaper_residual, most_factorised, most_residual
 from spectral.matrices import to_analysed, to_stored
 from spectral.metrics import energy_rank
 
@@ -365,6 +366,7 @@ class _Working:
     relative_error: float = 0.0
 
     base: torch.Tensor | None = None  # with `low_rank`: W_cut = base + left·right (base: the untouched matrix)
+    held: HeldComponents | None = None  # the long side of factorised and residual cuts, kept across moves
 
     def dense(self) -> torch.Tensor:
         """The cut matrix as one dense tensor (the buffer, or the factors' product)."""
@@ -467,25 +469,29 @@ class Pruner:
         W = self._original(info)
         state = self._working.setdefault(info.name, _Working())
         k = cut.kept_rank
+        shape = tuple(info.shape)
         if k is not None and 0 < k and cut.precision == "fp32" and len(info.source_shape) == 2 \
-                and cheaper_factorised(tuple(info.shape), k):
-            f = self.workspace.truncation(info.name)
-            state.low_rank, state.base = f.components(W, 0, k), None  # one side new, the other a view of Q
+                and cheaper_factorised(shape, k):
+            f = self._held(state, info, W).factors
+            # one side a view of what is held, the other a view of Q
+            state.low_rank, state.base = state.held.components(0, k, most_factorised(shape)), None
             self._drop_buffer(state)
             state.cut, state.active = cut, True
             state.relative_error = relative_error_from_spectrum(f.S, slice(k, None))
             return
         removed = (k, min(info.shape)) if k is not None and k > 0 else cut.removed
         if removed is not None and cut.random_seed is None and cut.precision == "fp32" \
-                and len(info.source_shape) == 2 and cheaper_residual(tuple(info.shape), removed[1] - removed[0]):
-            f = self.workspace.truncation(info.name)
-            left, right = f.components(W, *removed)
-            state.low_rank, state.base = (-left, right), W  # W minus the removed components: W is the model's own
+                and len(info.source_shape) == 2 and cheaper_residual(shape, removed[1] - removed[0]):
+            f = self._held(state, info, W).factors
+            left, right = state.held.components(*removed, most_residual(shape))
+            # W minus the removed components (W is the model's own); the sign goes on Q's side, the small one
+            state.low_rank = (-left, right) if f.left else (left, -right)
+            state.base = W
             self._drop_buffer(state)
             state.cut, state.active = cut, True
             state.relative_error = relative_error_from_spectrum(f.S, slice(*removed))
             return
-        state.low_rank, state.base = None, None
+        state.low_rank, state.base, state.held = None, None, None
         if state.buffer is None:
             state.buffer = torch.empty(W.shape, dtype=torch.float32)
         buf = state.buffer
@@ -530,6 +536,12 @@ class Pruner:
             norm = float(torch.linalg.vector_norm(W))
             error = float(torch.linalg.vector_norm(W - buf)) / norm if norm > 0 else 0.0
         state.cut, state.exact_rank, state.active, state.relative_error = cut, exact, True, error
+
+    def _held(self, state: _Working, info, W: torch.Tensor) -> HeldComponents:
+        """The matrix's held components (made on its first factorised or residual cut)."""
+        if state.held is None:
+            state.held = HeldComponents(self.workspace.truncation(info.name), W)
+        return state.held
 
     @staticmethod
     def _drop_buffer(state: _Working) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spectral.cache import DiskCache, default_cache
-from spectral.factors import truncation_factors
+from spectral.factors import HeldComponents, truncation_factors
 
 
 def exact_truncation(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -26,6 +26,47 @@ def test_components_from_the_short_side_equal_the_svd_truncation(shape):
         assert a.shape == (shape[0], hi - lo) and b.shape == (hi - lo, shape[1])
         exact = exact_truncation(w, lo, hi)
         assert float((a.double() @ b.double() - exact).norm() / exact.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(120, 40), (40, 120)])
+def test_held_components_equal_fresh_ones_and_compute_only_what_is_new(shape):
+    """A run of slider-like ranges: every answer equals `Factors.components` (one fresh product), only components
+    not held before are multiplied out, and the range held stays within the limit (or the range asked for)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(*shape, generator=g)
+    f = truncation_factors(w)
+    held = HeldComponents(f, w)
+    computed = []
+    product = held._product
+    held._product = lambda lo, hi: computed.append(hi - lo) or product(lo, hi)
+    limit = 30
+    steps = [((0, 20), 20), ((0, 25), 5), ((0, 12), 0), ((0, 30), 5), ((5, 30), 0),  # grow, shrink: views
+             ((28, 40), 10),  # the union [0, 40) is over the limit: [28, 40) is held, [28, 30) kept
+             ((20, 40), 8), ((25, 35), 0),
+             ((0, 40), 20)]  # over the limit but asked for: held, [20, 40) kept
+    for (lo, hi), new in steps:
+        computed.clear()
+        a, b = held.components(lo, hi, limit)
+        fa, fb = f.components(w, lo, hi)
+        assert sum(computed) == new, (lo, hi, computed)
+        torch.testing.assert_close(a, fa, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b, fb, rtol=1e-6, atol=1e-6)
+        assert held.hi - held.lo <= max(limit, hi - lo) and held.lo <= lo and hi <= held.hi
+    assert held.nbytes == 40 * max(shape) * 4
+
+
+def test_held_components_never_change_a_view_handed_out():
+    """A view returned earlier keeps its values when the held range moves (a new tensor is made, never written in
+    place): a cut held by the model from the previous move stays what it was."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(90, 30, generator=g)
+    f = truncation_factors(w)
+    held = HeldComponents(f, w)
+    first, _ = held.components(0, 10, 30)
+    before = first.clone()
+    held.components(0, 25, 30)
+    held.components(20, 30, 5)
+    assert torch.equal(first, before)
 
 
 def test_ill_conditioned_matrices_take_the_svd_route():

@@ -103,6 +103,30 @@ def test_a_light_cut_is_held_as_the_model_weight_minus_its_tail_with_no_dense_bu
     assert result.metrics.agreement == pytest.approx(plain.agreement, abs=1 / 256)
 
 
+def test_slider_moves_through_held_components_equal_a_fresh_cut_every_time(tmp_path, monkeypatch):
+    """Energy moves up and down, crossing between the residual and the factorised forms (the size floor lowered to
+    the tiny model's matrices): after each, every cut matrix, built from components held across moves, equals the
+    same plan applied by a fresh pruner (tests/test_factors.py checks that only new components are computed)."""
+    import spectral.lowrank
+    from spectral.pruning import Pruner
+
+    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
+    path = save_tiny_gpt(tmp_path / "tiny.safetensors")
+    session = WhatIfSession.open(path, positions=64)
+    forms = set()
+    for value in (0.999, 0.99, 0.9, 0.5, 0.2, 0.6, 0.95, 0.995, 0.3):
+        result = session.run(Choice("energy", value))
+        fresh = Pruner(session.workspace, session.runtime.require())
+        fresh.apply(result.plan)
+        for info in session.workspace.matrices:
+            state = session.pruner._working.get(info.name)
+            if state is not None and state.active and state.low_rank is not None:
+                forms.add("residual" if state.base is not None else "factorised")
+            torch.testing.assert_close(session.pruner.matrix(info.name), fresh.matrix(info.name),
+                                       rtol=1e-5, atol=1e-6)
+    assert forms == {"residual", "factorised"}
+
+
 def test_a_heavily_cut_model_evaluates_through_factors_like_the_dense_cut(tmp_path):
     path = save_tiny_gpt(tmp_path / "tiny.safetensors")
     session = WhatIfSession.open(path, positions=256)
