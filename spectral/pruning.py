@@ -470,8 +470,14 @@ class Pruner:
         state = self._working.setdefault(info.name, _Working())
         k = cut.kept_rank
         shape = tuple(info.shape)
-        if k is not None and 0 < k and cut.precision == "fp32" and len(info.source_shape) == 2 \
-                and cheaper_factorised(shape, k):
+        removed = (k, min(info.shape)) if k is not None and k > 0 else cut.removed
+        plain = cut.precision == "fp32" and len(info.source_shape) == 2
+        factorised = plain and k is not None and 0 < k and cheaper_factorised(shape, k)
+        residual = plain and removed is not None and cut.random_seed is None \
+            and cheaper_residual(shape, removed[1] - removed[0])
+        # both apply to a light cut of a big matrix: the form holding fewer components wins (memory and build time;
+        # GPT-2's 50257 × 768 embedding at energy 0.98: 19 components against 749, 3.6 against 144 MiB)
+        if factorised and not (residual and removed[1] - removed[0] < k):
             f = self._held(state, info, W).factors
             # one side a view of what is held, the other a view of Q
             state.low_rank, state.base = state.held.components(0, k, most_factorised(shape)), None
@@ -479,9 +485,7 @@ class Pruner:
             state.cut, state.active = cut, True
             state.relative_error = relative_error_from_spectrum(f.S, slice(k, None))
             return
-        removed = (k, min(info.shape)) if k is not None and k > 0 else cut.removed
-        if removed is not None and cut.random_seed is None and cut.precision == "fp32" \
-                and len(info.source_shape) == 2 and cheaper_residual(shape, removed[1] - removed[0]):
+        if residual:
             f = self._held(state, info, W).factors
             left, right = state.held.components(*removed, most_residual(shape))
             # W minus the removed components (W is the model's own); the sign goes on Q's side, the small one

@@ -97,6 +97,26 @@ def test_slider_moves_rebuild_incrementally_without_drift(session):
         assert np.abs(pruner.matrix(FC).double().numpy() - oracle).max() < 1e-5
 
 
+def test_a_light_cut_both_forms_could_hold_takes_the_one_with_fewer_components(session, monkeypatch):
+    """FC is 128 × 32 (the size floor lowered to it): rank k is cheaper factorised for k ≤ 25, and held as W minus
+    its 32 − k removed components while 32 − k ≤ 12. Both apply at k = 24 and 20: the residual holds 8 and 12
+    components against 24 and 20, so it wins; at k = 10 only the factorised form applies. Every cut equals the SVD
+    truncation."""
+    import spectral.lowrank
+
+    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
+    workspace, _, pruner = session
+    U, S, Vt = numpy_svd(workspace.weight(FC))
+    for k, form in ((24, "residual"), (20, "residual"), (10, "factorised"), (24, "residual")):
+        pruner.apply(only(FC, Cut(kept_rank=k)))
+        state = pruner._working[FC]
+        assert state.buffer is None and state.low_rank is not None
+        assert ("residual" if state.base is not None else "factorised") == form, k
+        assert state.low_rank[0].shape[1] == (32 - k if form == "residual" else k)
+        exact = (U[:, :k] * S[:k]) @ Vt[:k]
+        assert np.abs(pruner.matrix(FC).double().numpy() - exact).max() < 1e-5 * np.abs(exact).max()
+
+
 def test_band_removes_exactly_one_decile_of_singular_values(session):
     workspace, _, pruner = session
     s = numpy_svd(workspace.weight(FC))[1]
