@@ -49,7 +49,14 @@ from safetensors.torch import save, save_file
 from models.registry import gpt_metadata
 from spectral.analysis import Settings, factorised_params
 from spectral.factors import HeldComponents
-from spectral.lowrank import LowRankWeight, cheaper_factorised, cheaper_residual, most_factorised, most_residual
+from spectral.lowrank import (
+    LowRankWeight,
+    cheaper_factorised,
+    cheaper_residual,
+    most_factorised,
+    most_residual,
+    residual_preferred,
+)
 from spectral.matrices import to_analysed, to_stored
 from spectral.metrics import energy_rank
 
@@ -475,9 +482,7 @@ class Pruner:
         factorised = plain and k is not None and 0 < k and cheaper_factorised(shape, k)
         residual = plain and removed is not None and cut.random_seed is None \
             and cheaper_residual(shape, removed[1] - removed[0])
-        # both apply to a light cut of a big matrix: the form holding fewer components wins (memory and build time;
-        # GPT-2's 50257 × 768 embedding at energy 0.98: 19 components against 749, 3.6 against 144 MiB)
-        if factorised and not (residual and removed[1] - removed[0] < k):
+        if factorised and not (residual and residual_preferred(shape, k, removed[1] - removed[0])):
             f = self._held(state, info, W).factors
             # one side a view of what is held, the other a view of Q
             state.low_rank, state.base = state.held.components(0, k, most_factorised(shape)), None

@@ -97,24 +97,28 @@ def test_slider_moves_rebuild_incrementally_without_drift(session):
         assert np.abs(pruner.matrix(FC).double().numpy() - oracle).max() < 1e-5
 
 
-def test_a_light_cut_both_forms_could_hold_takes_the_one_with_fewer_components(session, monkeypatch):
-    """FC is 128 × 32 (the size floor lowered to it): rank k is cheaper factorised for k ≤ 25, and held as W minus
-    its 32 − k removed components while 32 − k ≤ 12. Both apply at k = 24 and 20: the residual holds 8 and 12
-    components against 24 and 20, so it wins; at k = 10 only the factorised form applies. Every cut equals the SVD
-    truncation."""
+def test_a_light_cut_of_a_long_thin_matrix_is_held_as_w_minus_its_removed_components(tmp_path, monkeypatch):
+    """A 4096 × 32 embedding (the size floor lowered to it): rank k ≤ 31 is cheaper factorised. At k = 31 the
+    residual form holds 1 component instead of 31 for 5.7% more compute (131,072 + 4,128 against 127,968 per row),
+    so it wins; at k = 30 it would cost 12.5% more (over RESIDUAL_SLACK) and the factorised form is kept. Every cut
+    equals the SVD truncation."""
     import spectral.lowrank
 
     monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
-    workspace, _, pruner = session
-    U, S, Vt = numpy_svd(workspace.weight(FC))
-    for k, form in ((24, "residual"), (20, "residual"), (10, "factorised"), (24, "residual")):
-        pruner.apply(only(FC, Cut(kept_rank=k)))
-        state = pruner._working[FC]
+    config = GPTConfig(vocab_size=4096, n_layer=1, n_embd=32, n_head=2, block_size=32)
+    ckpt = load_checkpoint(save_tiny_gpt(tmp_path / "long.safetensors", config=config))
+    workspace = Workspace(ckpt)
+    pruner = Pruner(workspace, runnable_model(ckpt))
+    (name,) = [m.name for m in workspace.matrices if tuple(m.shape) == (4096, 32)]
+    U, S, Vt = numpy_svd(workspace.weight(name))
+    for k, form in ((31, "residual"), (30, "factorised"), (31, "residual"), (8, "factorised")):
+        pruner.apply(only(name, Cut(kept_rank=k)))
+        state = pruner._working[name]
         assert state.buffer is None and state.low_rank is not None
         assert ("residual" if state.base is not None else "factorised") == form, k
         assert state.low_rank[0].shape[1] == (32 - k if form == "residual" else k)
         exact = (U[:, :k] * S[:k]) @ Vt[:k]
-        assert np.abs(pruner.matrix(FC).double().numpy() - exact).max() < 1e-5 * np.abs(exact).max()
+        assert np.abs(pruner.matrix(name).double().numpy() - exact).max() < 1e-5 * np.abs(exact).max()
 
 
 def test_band_removes_exactly_one_decile_of_singular_values(session):
