@@ -482,7 +482,7 @@ class Pruner:
         factorised = plain and k is not None and 0 < k and cheaper_factorised(shape, k)
         residual = plain and removed is not None and cut.random_seed is None \
             and cheaper_residual(shape, removed[1] - removed[0])
-        if factorised and not (residual and residual_preferred(shape, k, removed[1] - removed[0])):
+        if factorised and not (residual and residual_preferred(k, removed[1] - removed[0])):
             f = self._held(state, info, W).factors
             # one side a view of what is held, the other a view of Q
             state.low_rank, state.base = state.held.components(0, k, most_factorised(shape)), None

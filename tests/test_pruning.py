@@ -98,10 +98,10 @@ def test_slider_moves_rebuild_incrementally_without_drift(session):
 
 
 def test_a_light_cut_of_a_long_thin_matrix_is_held_as_w_minus_its_removed_components(tmp_path, monkeypatch):
-    """A 4096 × 32 embedding (the size floor lowered to it): rank k ≤ 31 is cheaper factorised. At k = 31 the
-    residual form holds 1 component instead of 31 for 5.7% more compute (131,072 + 4,128 against 127,968 per row),
-    so it wins; at k = 30 it would cost 12.5% more (over RESIDUAL_SLACK) and the factorised form is kept. Every cut
-    equals the SVD truncation."""
+    """A 4096 × 32 embedding (the size floor lowered to it): rank k ≤ 31 is cheaper factorised, and W minus its
+    32 − k removed components is cheaper than a dense copy while 32 − k ≤ 15. Where both apply, the form holding
+    fewer components wins: the residual at k = 31 and 20 (1 and 12 against 31 and 20), the factorised at k = 16
+    (a tie) and k = 8 (only it applies). Every cut equals the SVD truncation."""
     import spectral.lowrank
 
     monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
@@ -111,7 +111,7 @@ def test_a_light_cut_of_a_long_thin_matrix_is_held_as_w_minus_its_removed_compon
     pruner = Pruner(workspace, runnable_model(ckpt))
     (name,) = [m.name for m in workspace.matrices if tuple(m.shape) == (4096, 32)]
     U, S, Vt = numpy_svd(workspace.weight(name))
-    for k, form in ((31, "residual"), (30, "factorised"), (31, "residual"), (8, "factorised")):
+    for k, form in ((31, "residual"), (20, "residual"), (16, "factorised"), (8, "factorised"), (31, "residual")):
         pruner.apply(only(name, Cut(kept_rank=k)))
         state = pruner._working[name]
         assert state.buffer is None and state.low_rank is not None
