@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from spectral import syrk
 from spectral.threads import threads_in_this_thread
 
 GRAM_SAFE_RATIO = 1e-5  # below this s_min/s_max the Gram route loses digits: fall back to the SVD
@@ -100,6 +101,8 @@ def _gram(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | 
     converted one at a time."""
     m, n = w.shape
     short, long = min(m, n), max(m, n)
+    if _syrk_here():
+        return _gram_syrk(w, done, minus)
     if minus is None and (w.dtype == torch.float64 or short * long * 8 <= GRAM_BLOCK_BYTES):  # whole: no copy, or
         w64 = w.to(torch.float64)  # a small one
         gram = w64 @ w64.T if m <= n else w64.T @ w64
@@ -120,6 +123,30 @@ def _gram(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | 
             gram.addmm_(block.T, block)
         done(min(begin + step, long) / long)
     return gram
+
+
+def _syrk_here() -> bool:
+    """dsyrk (half the work, one thread) where this thread runs torch on one thread anyway: side-by-side workers,
+    the dashboard, Ray tasks; torch's multi-threaded general product where it has more (a big matrix alone)."""
+    return torch.get_num_threads() == 1 and syrk.available()
+
+
+def _gram_syrk(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | None) -> torch.Tensor:
+    """`_gram` by BLAS dsyrk (spectral/syrk.py): the same slices, each added in place to the lower triangle, then
+    the upper one mirrored from it."""
+    m, n = w.shape
+    short, long = min(m, n), max(m, n)
+    gram = np.zeros((short, short))
+    step = max(1, GRAM_BLOCK_BYTES // (8 * short))
+    for begin in range(0, long, step):
+        part = w[:, begin:begin + step] if m <= n else w[begin:begin + step]
+        block = part.to(torch.float64, copy=minus is not None)
+        if minus is not None:
+            block.sub_(minus[:, begin:begin + step] if m <= n else minus[begin:begin + step])
+        syrk.add_gram(gram, block.numpy(), rows=m <= n)
+        done(min(begin + step, long) / long)
+    syrk.mirror_lower(gram)
+    return torch.from_numpy(gram)
 
 
 def gram_eigh(matrix: torch.Tensor, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from spectral import spectra
+from spectral import spectra, syrk
 from spectral.threads import openmp_pools
 from spectral.spectra import singular_values
 
 
+@pytest.fixture(params=["syrk", "torch"])
+def route(request, monkeypatch):
+    """The Gram matrix summed by BLAS dsyrk (threads with one torch thread) or torch's general product."""
+    monkeypatch.setattr(spectra, "_syrk_here", lambda: request.param == "syrk")
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(300, 1200), (1200, 300), (400, 400)])
-def test_gram_route_matches_svd_on_noise(shape):
+def test_gram_route_matches_svd_on_noise(shape, route):
     w = torch.from_numpy(np.random.default_rng(0).standard_normal(shape) * 0.02)
     exact = np.linalg.svd(w.numpy(), compute_uv=False)
     ours = singular_values(w, method="gram")
@@ -50,7 +57,7 @@ def test_rejects_non_matrices():
 
 @pytest.mark.parametrize("shape", [(96, 700), (700, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gram_summed_over_slices_matches_lapack(monkeypatch, shape, dtype):
+def test_gram_summed_over_slices_matches_lapack(monkeypatch, shape, dtype, route):
     """The Gram matrix built slice by slice (here 10 columns or rows at a time) is the same arithmetic as W·Wᵀ."""
     monkeypatch.setattr(spectra, "GRAM_BLOCK_BYTES", 8 * 96 * 10)
     w = (torch.from_numpy(np.random.default_rng(2).standard_normal(shape)) * 0.02).to(dtype)
@@ -145,7 +152,7 @@ def test_the_eigensolver_runs_with_its_own_openmp_thread_count(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(40, 90), (90, 40)])
-def test_singular_values_of_a_difference_equal_the_svd_of_the_float64_difference(shape, monkeypatch):
+def test_singular_values_of_a_difference_equal_the_svd_of_the_float64_difference(shape, monkeypatch, route):
     """`minus`: the difference formed a slice at a time (slices forced small here) is exact, so the spectrum is the
     float64 SVD's; an exactly low-rank difference takes the SVD fallback; the caller's tensors are untouched."""
     monkeypatch.setattr(spectra, "GRAM_BLOCK_BYTES", 8 * 40 * 7)  # 7 columns (or rows) a slice
@@ -165,3 +172,44 @@ def test_singular_values_of_a_difference_equal_the_svd_of_the_float64_difference
     assert torch.equal(a64, before_a.double())
     with pytest.raises(ValueError, match="cannot subtract"):
         singular_values(b, minus=a.T)
+
+
+@pytest.mark.parametrize("rows", [True, False])
+def test_dsyrk_adds_each_slice_in_place_and_the_mirror_makes_it_symmetric(rows, monkeypatch):
+    """spectral/syrk.py against numpy's products: two slices (one not C-contiguous) summed into the lower triangle,
+    the upper one untouched until mirrored (in bands smaller than the matrix), then equal to A·Aᵀ."""
+    monkeypatch.setattr(syrk, "MIRROR_BLOCK", 7)
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((30, 50) if rows else (50, 30))
+    first, second = (a[:, :20], a[:, 20:]) if rows else (a[:20], a[20:])
+    c = np.zeros((30, 30))
+    syrk.add_gram(c, first, rows=rows)
+    syrk.add_gram(c, np.asfortranarray(second), rows=rows)
+    expected = a @ a.T if rows else a.T @ a
+    assert np.all(np.triu(c, 1) == 0)
+    np.testing.assert_allclose(np.tril(c), np.tril(expected), rtol=1e-13, atol=1e-12)
+    syrk.mirror_lower(c)
+    np.testing.assert_allclose(c, expected, rtol=1e-13, atol=1e-12)
+    assert np.array_equal(c, c.T)
+    with pytest.raises(ValueError):
+        syrk.add_gram(c, a.T, rows=rows)  # the wrong side of the Gram matrix
+
+
+def test_the_gram_matrix_takes_dsyrk_only_on_a_single_threaded_thread(monkeypatch):
+    """One torch thread (a side-by-side worker, the dashboard): dsyrk; more: torch's product, which uses them."""
+    calls = []
+    real = syrk.add_gram
+    monkeypatch.setattr(syrk, "add_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
+    w = torch.randn(64, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = singular_values(w)
+        assert calls
+        calls.clear()
+        torch.set_num_threads(2)
+        two = singular_values(w)
+        assert not calls
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(one, two, rtol=1e-12)
