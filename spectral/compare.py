@@ -49,6 +49,7 @@ from spectral.lora import (
 )
 from spectral.matrices import MatrixInfo
 from spectral.runtime import BatchSpec, ModelRuntime
+from spectral import syrk
 from spectral.spectra import singular_values
 from spectral.threads import map_single_threaded, worker_count
 from spectral.workspace import Workspace, concurrent_split
@@ -297,7 +298,7 @@ def top_singular_vectors(matrix: torch.Tensor, k: int) -> tuple[np.ndarray, np.n
     if k == 0:
         return np.zeros((rows, 0)), np.zeros((cols, 0))
     wide = rows <= cols
-    gram = w @ w.T if wide else w.T @ w
+    gram = _gram32(w, wide)
     m = gram.shape[0]
     # only the top k eigenpairs (LAPACK ?syevx: one tridiagonalisation, k vectors), ascending
     values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[m - k, m - 1], driver="evx")
@@ -308,6 +309,17 @@ def top_singular_vectors(matrix: torch.Tensor, k: int) -> tuple[np.ndarray, np.n
     other /= torch.linalg.vector_norm(other, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
     left, right = (top, other) if wide else (other, top)
     return left.numpy(), right.numpy()
+
+
+def _gram32(w: torch.Tensor, wide: bool) -> torch.Tensor:
+    """W·Wᵀ (wide) or Wᵀ·W in float32: by BLAS ssyrk (half the work) on a thread with one torch thread, as
+    spectral/spectra.py sums its float64 Gram matrices; else torch's product on its threads."""
+    if not syrk.on_this_thread():
+        return w @ w.T if wide else w.T @ w
+    gram = np.zeros((min(w.shape),) * 2, dtype=np.float32)
+    syrk.add_gram(gram, w.numpy(), rows=wide)
+    syrk.mirror_lower(gram)
+    return torch.from_numpy(gram)
 
 
 def principal_angles_deg(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:

@@ -101,7 +101,7 @@ def _gram(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | 
     converted one at a time."""
     m, n = w.shape
     short, long = min(m, n), max(m, n)
-    if _syrk_here():
+    if syrk.on_this_thread():  # half the work, on the one thread this thread has
         return _gram_syrk(w, done, minus)
     if minus is None and (w.dtype == torch.float64 or short * long * 8 <= GRAM_BLOCK_BYTES):  # whole: no copy, or
         w64 = w.to(torch.float64)  # a small one
@@ -123,12 +123,6 @@ def _gram(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | 
             gram.addmm_(block.T, block)
         done(min(begin + step, long) / long)
     return gram
-
-
-def _syrk_here() -> bool:
-    """dsyrk (half the work, one thread) where this thread runs torch on one thread anyway: side-by-side workers,
-    the dashboard, Ray tasks; torch's multi-threaded general product where it has more (a big matrix alone)."""
-    return torch.get_num_threads() == 1 and syrk.available()
 
 
 def _gram_syrk(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""C += A·Aᵀ in float64 by BLAS `dsyrk`, summed in place, with the GIL released: the Gram matrices of spectral/spectra.py.
+"""C += A·Aᵀ by BLAS `dsyrk`/`ssyrk`, summed in place with the GIL released: the Gram matrices of spectral/spectra.py
+(float64) and of the top singular vectors in spectral/compare.py (float32).
 
 A Gram matrix is symmetric, so `dsyrk` does half the multiply-adds of the general product torch runs for `W @ W.T`
 (measured on one thread: 768 × 3072 in 26 ms against 42-47 ms, 768 × 50257 in 0.41-0.44 s against 0.73 s). By hand,
@@ -15,50 +16,60 @@ import ctypes
 import threading
 
 import numpy as np
+import torch
 
 MIRROR_BLOCK = 512  # rows copied at a time when the upper triangle is filled from the lower one
 
-_DSYRK: list = []  # [the ctypes function, or None where scipy's table lacks it], found once
+_FUNCTIONS: dict[str, object] = {}  # "dsyrk"/"ssyrk" -> the ctypes function, or None where scipy lacks it
 _LOCK = threading.Lock()
-_INT, _DOUBLE = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double)
-_PROTOTYPE = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, _INT, _INT, _DOUBLE, ctypes.c_void_p, _INT,
-                              _DOUBLE, ctypes.c_void_p, _INT)
+_SCALARS = {"dsyrk": (np.float64, ctypes.c_double), "ssyrk": (np.float32, ctypes.c_float)}
 
 
-def _dsyrk():
+def _function(name: str):
     with _LOCK:
-        if not _DSYRK:
+        if name not in _FUNCTIONS:
             function = None
             try:
                 from scipy.linalg import cython_blas
 
-                capsule = cython_blas.__pyx_capi__["dsyrk"]
+                capsule = cython_blas.__pyx_capi__[name]
                 api = ctypes.pythonapi
                 api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
                 api.PyCapsule_GetPointer.restype = ctypes.c_void_p
                 api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-                function = _PROTOTYPE(api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule)))
+                integer, scalar = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(_SCALARS[name][1])
+                prototype = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, integer, integer, scalar,
+                                             ctypes.c_void_p, integer, scalar, ctypes.c_void_p, integer)
+                function = prototype(api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule)))
             except (ImportError, KeyError, AttributeError, ValueError, OSError):
                 function = None
-            _DSYRK.append(function)
-        return _DSYRK[0]
+            _FUNCTIONS[name] = function
+        return _FUNCTIONS[name]
 
 
 def available() -> bool:
-    """Whether scipy's `dsyrk` was found (else callers use the general product)."""
-    return _dsyrk() is not None
+    """Whether scipy's `dsyrk` and `ssyrk` were found (else callers use the general product)."""
+    return _function("dsyrk") is not None and _function("ssyrk") is not None
+
+
+def on_this_thread() -> bool:
+    """Use dsyrk/ssyrk here: this thread runs torch on one thread anyway (side-by-side workers, the dashboard, Ray
+    tasks), and they are found. Elsewhere (a big matrix alone on every core) torch's multi-threaded general product
+    uses the cores that one-threaded BLAS would leave idle."""
+    return torch.get_num_threads() == 1 and available()
 
 
 def add_gram(c: np.ndarray, block: np.ndarray, *, rows: bool) -> None:
     """c += block·blockᵀ (`rows`: the block's rows are the Gram's side, M × b) or blockᵀ·block (b × M), in c's lower
-    triangle only (C order); c is a C-contiguous float64 M × M array, block a float64 array (copied if not
-    C-contiguous)."""
-    function = _dsyrk()
+    triangle only (C order); c is a C-contiguous float64 or float32 M × M array, block is converted to c's dtype
+    (and copied if not C-contiguous)."""
+    name = {np.dtype(np.float64): "dsyrk", np.dtype(np.float32): "ssyrk"}.get(c.dtype)
+    if name is None or not c.flags.c_contiguous or c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError("c must be a square C-contiguous float64 or float32 array")
+    function = _function(name)
     if function is None:
-        raise RuntimeError("scipy's dsyrk is unavailable")
-    if c.dtype != np.float64 or not c.flags.c_contiguous or c.ndim != 2 or c.shape[0] != c.shape[1]:
-        raise ValueError("c must be a square C-contiguous float64 array")
-    block = np.ascontiguousarray(block, dtype=np.float64)
+        raise RuntimeError(f"scipy's {name} is unavailable")
+    block = np.ascontiguousarray(block, dtype=c.dtype)
     m = c.shape[0]
     if block.ndim != 2 or block.shape[0 if rows else 1] != m:
         raise ValueError(f"block of shape {block.shape} does not match a {m} x {m} Gram matrix")
@@ -69,7 +80,7 @@ def add_gram(c: np.ndarray, block: np.ndarray, *, rows: bool) -> None:
     # M × b block (rows) is b × M there and asks for trans = 'T'; a b × M block is M × b and asks for 'N'
     n, k = ctypes.c_int(m), ctypes.c_int(depth)
     lda, ldc = ctypes.c_int(depth if rows else m), ctypes.c_int(m)
-    alpha = beta = ctypes.c_double(1.0)
+    alpha = beta = _SCALARS[name][1](1.0)
     function(b"U", b"T" if rows else b"N", ctypes.byref(n), ctypes.byref(k), ctypes.byref(alpha),
              block.ctypes.data, ctypes.byref(lda), ctypes.byref(beta), c.ctypes.data, ctypes.byref(ldc))
 

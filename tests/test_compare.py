@@ -183,7 +183,12 @@ def test_principal_angles_of_planted_rotations_and_against_scipy():
                                atol=1e-9)
 
 
-def test_top_singular_vectors_span_the_svds_subspaces():
+@pytest.mark.parametrize("syrk_route", [True, False])
+def test_top_singular_vectors_span_the_svds_subspaces(syrk_route, monkeypatch):
+    """Both ways of forming the float32 Gram matrix (BLAS ssyrk on a one-thread thread, torch's product else)."""
+    from spectral import syrk
+
+    monkeypatch.setattr(syrk, "on_this_thread", lambda: syrk_route)
     g = torch.Generator().manual_seed(3)
     for shape in ((300, 80), (80, 300)):
         w = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.02
