@@ -18,10 +18,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from spectral import syrk
-from spectral.threads import threads_in_this_thread
+from spectral.threads import run_single_threaded, threads_in_this_thread
 
 GRAM_SAFE_RATIO = 1e-5  # below this s_min/s_max the Gram route loses digits: fall back to the SVD
 GRAM_BLOCK_BYTES = 32 << 20  # float64 bytes of W converted at a time while the Gram matrix is summed
+SYRK_SPLIT_BYTES = 256 << 20  # partial sums a Gram matrix split over threads may add (M ≤ 5,792 on two threads)
 PROGRESS_SECONDS = 1.0  # on big matrices, `progress` is called at least this often (when the work allows)
 EIG_WORK = 4.0  # the eigensolver's cost in units of one Gram multiply-add per M³ (measured: dsyevd ≈ 3.7 M³)
 EIG_BESIDE_MIN = 1024  # from this short side up, the eigensolver runs in its own thread (progress keeps moving);
@@ -101,8 +102,9 @@ def _gram(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | 
     converted one at a time."""
     m, n = w.shape
     short, long = min(m, n), max(m, n)
-    if syrk.on_this_thread():  # half the work, on the one thread this thread has
-        return _gram_syrk(w, done, minus)
+    workers = _syrk_workers(short)
+    if workers:
+        return _gram_syrk(w, done, minus, workers)
     if minus is None and (w.dtype == torch.float64 or short * long * 8 <= GRAM_BLOCK_BYTES):  # whole: no copy, or
         w64 = w.to(torch.float64)  # a small one
         gram = w64 @ w64.T if m <= n else w64.T @ w64
@@ -125,20 +127,50 @@ def _gram(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | 
     return gram
 
 
-def _gram_syrk(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | None) -> torch.Tensor:
-    """`_gram` by BLAS dsyrk (spectral/syrk.py): the same slices, each added in place to the lower triangle, then
-    the upper one mirrored from it."""
+def _syrk_workers(short: int) -> int:
+    """How many threads sum a Gram matrix of side `short` by BLAS dsyrk (spectral/syrk.py; half the multiply-adds
+    of a general product, one thread per call): this thread's torch thread count, each extra one holding an M × M
+    partial sum, within SYRK_SPLIT_BYTES; 0 where scipy's dsyrk is missing or the partial sums would not fit (then
+    torch's multi-threaded product)."""
+    threads = torch.get_num_threads()
+    if not syrk.available() or (threads > 1 and (threads - 1) * short * short * 8 > SYRK_SPLIT_BYTES):
+        return 0
+    return threads
+
+
+def _gram_syrk(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | None, workers: int
+               ) -> torch.Tensor:
+    """`_gram` by BLAS dsyrk: the same slices, each added in place to a lower triangle; with several workers, worker
+    j sums slices j, j + workers, ... into its own partial sum, and the partial sums are added in order (the result
+    does not depend on which thread finished first). The upper triangle is mirrored from the lower one."""
     m, n = w.shape
     short, long = min(m, n), max(m, n)
-    gram = np.zeros((short, short))
     step = max(1, GRAM_BLOCK_BYTES // (8 * short))
-    for begin in range(0, long, step):
-        part = w[:, begin:begin + step] if m <= n else w[begin:begin + step]
-        block = part.to(torch.float64, copy=minus is not None)
-        if minus is not None:
-            block.sub_(minus[:, begin:begin + step] if m <= n else minus[begin:begin + step])
-        syrk.add_gram(gram, block.numpy(), rows=m <= n)
-        done(min(begin + step, long) / long)
+    starts = list(range(0, long, step))
+    workers = max(1, min(workers, len(starts)))
+    grams = [np.zeros((short, short)) for _ in range(workers)]
+    finished = [0] * workers  # slices summed by each worker (each written by its worker only)
+
+    def add(j: int) -> None:
+        for begin in starts[j::workers]:
+            part = w[:, begin:begin + step] if m <= n else w[begin:begin + step]
+            block = part.to(torch.float64, copy=minus is not None)
+            if minus is not None:
+                block.sub_(minus[:, begin:begin + step] if m <= n else minus[begin:begin + step])
+            syrk.add_gram(grams[j], block.numpy(), rows=m <= n)
+            finished[j] += 1
+            if workers == 1:
+                done(min(begin + step, long) / long)
+
+    if workers == 1:
+        add(0)
+    else:
+        run_single_threaded([lambda j=j: add(j) for j in range(workers)],
+                            lambda: done(sum(finished) / len(starts)), PROGRESS_SECONDS / 2)
+        done(1.0)
+    gram = grams[0]
+    for partial in grams[1:]:
+        gram += partial
     syrk.mirror_lower(gram)
     return torch.from_numpy(gram)
 

@@ -12,7 +12,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from typing import TypeVar
 
 import torch
@@ -155,6 +155,26 @@ def map_single_threaded(function: Callable[[T], R], items: Iterable[T], workers:
         finally:  # the caller stopped early or raised: drop what has not started
             for future in futures:
                 future.cancel()
+
+
+def run_single_threaded(tasks: list[Callable[[], None]], on_wait: Callable[[], None], wait_seconds: float) -> None:
+    """Run each task in its own worker of one OpenMP/MKL thread (as `map_single_threaded`'s), calling `on_wait` in
+    the calling thread every `wait_seconds` until all have finished (progress from a long split computation); the
+    first error is raised there once all have stopped."""
+    if len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    with ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="spectral", initializer=_one_thread_from_now
+                            ) as pool:
+        futures = [pool.submit(task) for task in tasks]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=wait_seconds)
+            on_wait()
+    for future in futures:
+        if future.exception() is not None:
+            raise future.exception()
 
 
 _LIMITS = threading.local()

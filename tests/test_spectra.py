@@ -2,6 +2,7 @@
 import itertools
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from spectral.threads import openmp_pools
 from spectral.spectra import singular_values
 
 
-@pytest.fixture(params=["syrk", "torch"])
+@pytest.fixture(params=["syrk", "syrk on 3 threads", "torch"])
 def route(request, monkeypatch):
-    """The Gram matrix summed by BLAS dsyrk (threads with one torch thread) or torch's general product."""
-    monkeypatch.setattr(syrk, "on_this_thread", lambda: request.param == "syrk")
+    """The Gram matrix summed by BLAS dsyrk on one thread or split over three, or by torch's general product."""
+    workers = {"syrk": 1, "syrk on 3 threads": 3, "torch": 0}[request.param]
+    monkeypatch.setattr(spectra, "_syrk_workers", lambda short: workers)
     return request.param
 
 
@@ -198,21 +200,30 @@ def test_syrk_adds_each_slice_in_place_and_the_mirror_makes_it_symmetric(rows, d
         syrk.add_gram(c, a.T, rows=rows)  # the wrong side of the Gram matrix
 
 
-def test_the_gram_matrix_takes_dsyrk_only_on_a_single_threaded_thread(monkeypatch):
-    """One torch thread (a side-by-side worker, the dashboard): dsyrk; more: torch's product, which uses them."""
-    calls = []
+def test_the_gram_matrix_is_split_over_the_threads_while_the_partial_sums_fit(monkeypatch):
+    """dsyrk on one thread, split over two (each with its own partial sum, same result to rounding, the same bits
+    on every run), and torch's product once the extra partial sum would exceed SYRK_SPLIT_BYTES."""
+    monkeypatch.setattr(spectra, "GRAM_BLOCK_BYTES", 8 * 64 * 20)  # 20 columns a slice: 13 slices
+    threads_seen = []
     real = syrk.add_gram
-    monkeypatch.setattr(syrk, "add_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
-    w = torch.randn(64, 256)
+    monkeypatch.setattr(syrk, "add_gram", lambda *a, **k: threads_seen.append(threading.get_ident()) or real(*a, **k))
+    w = torch.randn(64, 256, dtype=torch.float64)
+    exact = np.linalg.svd(w.numpy(), compute_uv=False)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = singular_values(w)
-        assert calls
-        calls.clear()
+        assert len(threads_seen) == 13 and len(set(threads_seen)) == 1
+        threads_seen.clear()
         torch.set_num_threads(2)
         two = singular_values(w)
-        assert not calls
+        assert len(threads_seen) == 13 and len(set(threads_seen)) == 2
+        assert np.array_equal(two, singular_values(w))
+        threads_seen.clear()
+        monkeypatch.setattr(spectra, "SYRK_SPLIT_BYTES", 64 * 64 * 8 - 1)
+        plain = singular_values(w)
+        assert not threads_seen
     finally:
         torch.set_num_threads(threads)
-    np.testing.assert_allclose(one, two, rtol=1e-12)
+    for found in (one, two, plain):
+        np.testing.assert_allclose(found, exact, rtol=1e-10)
