@@ -314,7 +314,7 @@ def top_singular_vectors(matrix: torch.Tensor, k: int) -> tuple[np.ndarray, np.n
 def _gram32(w: torch.Tensor, wide: bool) -> torch.Tensor:
     """W·Wᵀ (wide) or Wᵀ·W in float32: by BLAS ssyrk (half the work) on a thread with one torch thread, as
     spectral/spectra.py sums its float64 Gram matrices; else torch's product on its threads."""
-    if not syrk.on_this_thread():
+    if not syrk.on_this_thread() or max(w.shape) > syrk.INT_MAX:
         return w @ w.T if wide else w.T @ w
     gram = np.zeros((min(w.shape),) * 2, dtype=np.float32)
     syrk.add_gram(gram, w.numpy(), rows=wide)

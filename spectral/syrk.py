@@ -18,6 +18,7 @@ import threading
 import numpy as np
 import torch
 
+INT_MAX = 2**31 - 1
 MIRROR_BLOCK = 512  # rows copied at a time when the upper triangle is filled from the lower one
 
 _FUNCTIONS: dict[str, object] = {}  # "dsyrk"/"ssyrk" -> the ctypes function, or None where scipy lacks it
@@ -74,6 +75,8 @@ def add_gram(c: np.ndarray, block: np.ndarray, *, rows: bool) -> None:
     if block.ndim != 2 or block.shape[0 if rows else 1] != m:
         raise ValueError(f"block of shape {block.shape} does not match a {m} x {m} Gram matrix")
     depth = block.shape[1] if rows else block.shape[0]
+    if max(m, depth) > INT_MAX:  # BLAS's 32-bit dimensions (ctypes would wrap them silently)
+        raise ValueError(f"a {m} x {depth} block is beyond 32-bit BLAS dimensions")
     if depth == 0 or m == 0:
         return
     # BLAS sees column-major arrays: c as cᵀ (its upper triangle is c's lower one) and the block transposed, so an
