@@ -166,7 +166,7 @@ def _gram_syrk(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tens
         add(0)
     else:
         run_single_threaded([lambda j=j: add(j) for j in range(workers)],
-                            lambda: done(sum(finished) / len(starts)), PROGRESS_SECONDS / 2)
+                            lambda: sum(finished) and done(sum(finished) / len(starts)), PROGRESS_SECONDS / 2)
         done(1.0)
     gram = grams[0]
     for partial in grams[1:]:
