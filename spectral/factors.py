@@ -70,7 +70,8 @@ class HeldComponents:
         """(a, b) with a·b = Σ_{lo≤i<hi} s_i u_i v_iᵀ, as `Factors.components`; the long side is a view of what is
         held (valid until the next call), the other a view of Q."""
         if self.values is None or not (self.lo <= lo and hi <= self.hi):
-            new = (min(lo, self.lo), max(hi, self.hi)) if self.values is not None else (lo, hi)
+            touching = self.values is not None and lo <= self.hi and self.lo <= hi  # else the gap is not needed
+            new = (min(lo, self.lo), max(hi, self.hi)) if touching else (lo, hi)
             self._hold(*(new if new[1] - new[0] <= max(limit, hi - lo) else (lo, hi)))
         q = self.factors.Q[:, lo:hi]
         if self.factors.left:

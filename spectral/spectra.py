@@ -22,7 +22,7 @@ from spectral.threads import run_single_threaded, threads_in_this_thread
 
 GRAM_SAFE_RATIO = 1e-5  # below this s_min/s_max the Gram route loses digits: fall back to the SVD
 GRAM_BLOCK_BYTES = 32 << 20  # float64 bytes of W converted at a time while the Gram matrix is summed
-SYRK_SPLIT_BYTES = 256 << 20  # partial sums a Gram matrix split over threads may add (M ≤ 5,792 on two threads)
+SYRK_SPLIT_BYTES = 256 << 20  # partial sums and slices a Gram split over threads may add (M ≤ 5,500 on two)
 PROGRESS_SECONDS = 1.0  # on big matrices, `progress` is called at least this often (when the work allows)
 EIG_WORK = 4.0  # the eigensolver's cost in units of one Gram multiply-add per M³ (measured: dsyevd ≈ 3.7 M³)
 EIG_BESIDE_MIN = 1024  # from this short side up, the eigensolver runs in its own thread (progress keeps moving);
@@ -103,7 +103,8 @@ def _gram(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | 
     m, n = w.shape
     short, long = min(m, n), max(m, n)
     workers = _syrk_workers(short)
-    if workers:
+    slices = -(-long // max(1, GRAM_BLOCK_BYTES // (8 * short)))
+    if workers and (workers == 1 or slices >= workers):  # fewer slices than threads: torch's product uses them all
         return _gram_syrk(w, done, minus, workers)
     if minus is None and (w.dtype == torch.float64 or short * long * 8 <= GRAM_BLOCK_BYTES):  # whole: no copy, or
         w64 = w.to(torch.float64)  # a small one
@@ -133,7 +134,8 @@ def _syrk_workers(short: int) -> int:
     partial sum, within SYRK_SPLIT_BYTES; 0 where scipy's dsyrk is missing or the partial sums would not fit (then
     torch's multi-threaded product)."""
     threads = torch.get_num_threads()
-    if not syrk.available() or (threads > 1 and (threads - 1) * short * short * 8 > SYRK_SPLIT_BYTES):
+    extra = (threads - 1) * (short * short * 8 + GRAM_BLOCK_BYTES)  # a partial sum and a slice per extra thread
+    if not syrk.available() or (threads > 1 and extra > SYRK_SPLIT_BYTES):
         return 0
     return threads
 

@@ -65,8 +65,10 @@ def add_gram(c: np.ndarray, block: np.ndarray, *, rows: bool) -> None:
     triangle only (C order); c is a C-contiguous float64 or float32 M × M array, block is converted to c's dtype
     (and copied if not C-contiguous)."""
     name = {np.dtype(np.float64): "dsyrk", np.dtype(np.float32): "ssyrk"}.get(c.dtype)
-    if name is None or not c.flags.c_contiguous or c.ndim != 2 or c.shape[0] != c.shape[1]:
-        raise ValueError("c must be a square C-contiguous float64 or float32 array")
+    if name is None or not c.flags.c_contiguous or not c.flags.writeable or c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError("c must be a square, writeable, C-contiguous float64 or float32 array")
+    if np.may_share_memory(c, block):
+        raise ValueError("block and c share memory")
     function = _function(name)
     if function is None:
         raise RuntimeError(f"scipy's {name} is unavailable")

@@ -204,8 +204,9 @@ def test_syrk_adds_each_slice_in_place_and_the_mirror_makes_it_symmetric(rows, d
 
 
 def test_the_gram_matrix_is_split_over_the_threads_while_the_partial_sums_fit(monkeypatch):
-    """dsyrk on one thread, split over two (each with its own partial sum, same result to rounding, the same bits
-    on every run), and torch's product once the extra partial sum would exceed SYRK_SPLIT_BYTES."""
+    """dsyrk on one thread, split over two workers (each with its own partial sum, same result to rounding, the same
+    bits on every run), and torch's product once the extra partial sum and slice would exceed SYRK_SPLIT_BYTES or
+    there are fewer slices than threads."""
     monkeypatch.setattr(spectra, "GRAM_BLOCK_BYTES", 8 * 64 * 20)  # 20 columns a slice: 13 slices
     threads_seen = []
     real = syrk.add_gram
@@ -220,10 +221,12 @@ def test_the_gram_matrix_is_split_over_the_threads_while_the_partial_sums_fit(mo
         threads_seen.clear()
         torch.set_num_threads(2)
         two = singular_values(w)
-        assert len(threads_seen) == 13 and len(set(threads_seen)) == 2
+        assert len(threads_seen) == 13 and threading.get_ident() not in threads_seen  # in workers
         assert np.array_equal(two, singular_values(w))
         threads_seen.clear()
-        monkeypatch.setattr(spectra, "SYRK_SPLIT_BYTES", 64 * 64 * 8 - 1)
+        singular_values(w[:, :20])  # one slice: torch's product on both threads
+        assert not threads_seen
+        monkeypatch.setattr(spectra, "SYRK_SPLIT_BYTES", 64 * 64 * 8 + 8 * 64 * 20 - 1)
         plain = singular_values(w)
         assert not threads_seen
     finally:
