@@ -114,18 +114,23 @@ def _gram(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tensor | 
     step = max(1, GRAM_BLOCK_BYTES // (8 * short))
     gram = torch.zeros(short, short, dtype=torch.float64)
     for begin in range(0, long, step):
+        block = _slice64(w, minus, begin, step)
         if m <= n:
-            block = w[:, begin:begin + step].to(torch.float64, copy=minus is not None)  # (M, b)
-            if minus is not None:
-                block.sub_(minus[:, begin:begin + step])
-            gram.addmm_(block, block.T)
+            gram.addmm_(block, block.T)  # block (M, b)
         else:
-            block = w[begin:begin + step].to(torch.float64, copy=minus is not None)  # (b, M)
-            if minus is not None:
-                block.sub_(minus[begin:begin + step])
-            gram.addmm_(block.T, block)
+            gram.addmm_(block.T, block)  # block (b, M)
         done(min(begin + step, long) / long)
     return gram
+
+
+def _slice64(w: torch.Tensor, minus: torch.Tensor | None, begin: int, step: int) -> torch.Tensor:
+    """Columns (rows ≤ cols) or rows [begin, begin + step) of W (minus `minus`) in float64: one Gram slice."""
+    wide = w.shape[0] <= w.shape[1]
+    part = w[:, begin:begin + step] if wide else w[begin:begin + step]
+    block = part.to(torch.float64, copy=minus is not None)
+    if minus is not None:
+        block.sub_(minus[:, begin:begin + step] if wide else minus[begin:begin + step])
+    return block
 
 
 def _syrk_workers(short: int) -> int:
@@ -155,11 +160,7 @@ def _gram_syrk(w: torch.Tensor, done: Callable[[float], None], minus: torch.Tens
 
     def add(j: int) -> None:
         for begin in starts[j::workers]:
-            part = w[:, begin:begin + step] if m <= n else w[begin:begin + step]
-            block = part.to(torch.float64, copy=minus is not None)
-            if minus is not None:
-                block.sub_(minus[:, begin:begin + step] if m <= n else minus[begin:begin + step])
-            syrk.add_gram(grams[j], block.numpy(), rows=m <= n)
+            syrk.add_gram(grams[j], _slice64(w, minus, begin, step).numpy(), rows=m <= n)
             finished[j] += 1
             if workers == 1:
                 done(min(begin + step, long) / long)
