@@ -19,6 +19,14 @@ import torch
 
 from spectral.spectra import GRAM_SAFE_RATIO, gram_eigh
 
+# A held range over TRIM_RATIO times the one asked for, and over TRIM_BYTES, shrinks to it (the overlap is copied,
+# nothing is recomputed). The ratio keeps slider moves (a few components either way) views, and a trim frees at
+# least 3/4 of what was held; the floor leaves matrices whose largest held range is small alone (GPT-2's
+# 768 × 3072 MLP matrices hold at most 614 components, 7.2 MiB), so only vocabulary-sized ones trim: GPT-2's
+# 50257 × 768 embedding (196 KiB a component) from 42 components held, e.g. 180 (34.5 MiB) down to 5 (1 MiB).
+TRIM_RATIO = 4
+TRIM_BYTES = 8 << 20
+
 
 @dataclass(frozen=True)
 class Factors:
@@ -55,7 +63,8 @@ class HeldComponents:
     A slider move shifts a kept rank by a few components, and a factorised cut (W_k = its first k components) or a
     residual one (W minus components k..M) then costs a view, or only the components not yet held, instead of the
     whole product (GPT-2's tied 50257 × 768 embedding: 0.2 s a move). The range held never exceeds `limit`
-    components, the most the caller's cut form may use, so it costs no more memory than the largest such cut."""
+    components, the most the caller's cut form may use, so it costs no more memory than the largest such cut; and
+    a much smaller cut after a large one trims it (`TRIM_RATIO`, `TRIM_BYTES`), so memory follows the current cut."""
 
     def __init__(self, factors: Factors, matrix: torch.Tensor):
         self.factors, self.matrix = factors, matrix
@@ -69,14 +78,28 @@ class HeldComponents:
     def components(self, lo: int, hi: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) with a·b = Σ_{lo≤i<hi} s_i u_i v_iᵀ, as `Factors.components`; the long side is a view of what is
         held (valid until the next call), the other a view of Q."""
-        if self.values is None or not (self.lo <= lo and hi <= self.hi):
-            touching = self.values is not None and lo <= self.hi and self.lo <= hi  # else the gap is not needed
-            new = (min(lo, self.lo), max(hi, self.hi)) if touching else (lo, hi)
-            self._hold(*(new if new[1] - new[0] <= max(limit, hi - lo) else (lo, hi)))
+        new = self._range(lo, hi, limit)
+        if self.values is None or new != (self.lo, self.hi):
+            self._hold(*new)
         q = self.factors.Q[:, lo:hi]
         if self.factors.left:
             return q, self.values[lo - self.lo:hi - self.lo]
         return self.values[:, lo - self.lo:hi - self.lo], q.T
+
+    def _range(self, lo: int, hi: int, limit: int) -> tuple[int, int]:
+        """The range to hold for a request of [lo, hi): what is held, grown to cover it where the two touch (a move
+        back is then a view), else the request alone: where they do not touch (the gap is not needed), where the
+        union passes `limit`, or where it is a trim (over TRIM_RATIO times the request and over TRIM_BYTES)."""
+        if self.values is None or hi < self.lo or self.hi < lo:
+            return lo, hi
+        new_lo, new_hi = min(lo, self.lo), max(hi, self.hi)
+        width = new_hi - new_lo
+        if width > max(limit, hi - lo):
+            return lo, hi
+        long_side = self.matrix.shape[1] if self.factors.left else self.matrix.shape[0]
+        if width > TRIM_RATIO * (hi - lo) and width * long_side * 4 > TRIM_BYTES:
+            return lo, hi
+        return new_lo, new_hi
 
     def _hold(self, lo: int, hi: int) -> None:
         """Hold [lo, hi): what is already held and overlaps is copied, only the rest is computed."""

@@ -412,7 +412,7 @@ class Pruner:
             if cut == current:
                 continue
             if cut.is_identity:
-                state.active = False
+                self._deactivate(state)
             else:
                 self._rebuild(info, cut)
                 rebuilt.append(info.name)
@@ -551,6 +551,12 @@ class Pruner:
         if state.held is None:
             state.held = HeldComponents(self.workspace.truncation(info.name), W)
         return state.held
+
+    @staticmethod
+    def _deactivate(state: _Working) -> None:
+        """The matrix is back to its original: its held components go, with the factors that view them (they would
+        keep that memory alive); a dense buffer stays as it is, so a later dense cut can resume from `exact_rank`."""
+        state.active, state.low_rank, state.base, state.held = False, None, None, None
 
     @staticmethod
     def _drop_buffer(state: _Working) -> None:

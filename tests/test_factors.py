@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import spectral.factors
 from spectral.cache import DiskCache, default_cache
-from spectral.factors import HeldComponents, truncation_factors
+from spectral.factors import TRIM_RATIO, HeldComponents, truncation_factors
 
 
 def exact_truncation(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -28,6 +29,14 @@ def test_components_from_the_short_side_equal_the_svd_truncation(shape):
         assert float((a.double() @ b.double() - exact).norm() / exact.norm()) < 1e-5
 
 
+def counting(held: HeldComponents) -> list[int]:
+    """The widths of the products `held` computes from here on (appended as they happen)."""
+    computed = []
+    product = held._product
+    held._product = lambda lo, hi: computed.append(hi - lo) or product(lo, hi)
+    return computed
+
+
 @pytest.mark.parametrize("shape", [(120, 40), (40, 120)])
 def test_held_components_equal_fresh_ones_and_compute_only_what_is_new(shape):
     """A run of slider-like ranges: every answer equals `Factors.components` (one fresh product), only components
@@ -36,9 +45,7 @@ def test_held_components_equal_fresh_ones_and_compute_only_what_is_new(shape):
     w = torch.randn(*shape, generator=g)
     f = truncation_factors(w)
     held = HeldComponents(f, w)
-    computed = []
-    product = held._product
-    held._product = lambda lo, hi: computed.append(hi - lo) or product(lo, hi)
+    computed = counting(held)
     limit = 30
     steps = [((0, 20), 20), ((0, 25), 5), ((0, 12), 0), ((0, 30), 5), ((5, 30), 0),  # grow, shrink: views
              ((28, 40), 10),  # the union [0, 40) is over the limit: [28, 40) is held, [28, 30) kept
@@ -67,6 +74,76 @@ def test_held_components_never_change_a_view_handed_out():
     held.components(0, 25, 30)
     held.components(20, 30, 5)
     assert torch.equal(first, before)
+
+
+@pytest.mark.parametrize("shape", [(2000, 40), (40, 2000)])
+def test_a_much_smaller_request_trims_what_is_held_without_recomputing(shape, monkeypatch):
+    """With the floor at 100 kB (12.5 components of 8 kB here): 40 components held, then 5 asked for, trims to 5
+    by copying them (nothing computed), equal to a fresh product; views handed out before keep their values. Under
+    the floor (12 components, 96 kB) or within TRIM_RATIO of the request (40 for 11) nothing is trimmed."""
+    monkeypatch.setattr(spectral.factors, "TRIM_BYTES", 100_000)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(*shape, generator=g)
+    f = truncation_factors(w)
+    held = HeldComponents(f, w)
+    computed = counting(held)
+    limit = 40
+    component = max(shape) * 4
+
+    def fresh(lo, hi):
+        q = f.Q[:, lo:hi]
+        return q.T @ w if f.left else w @ q
+
+    def long_side(pair):
+        return pair[1] if f.left else pair[0]
+
+    big = long_side(held.components(0, 40, limit))
+    before = big.clone()
+    computed.clear()
+    small = long_side(held.components(0, 5, limit))  # 40 > 4 · 5 and 320 kB > 100 kB: trimmed
+    assert computed == [] and (held.lo, held.hi) == (0, 5) and held.nbytes == 5 * component
+    torch.testing.assert_close(small, fresh(0, 5), rtol=1e-5, atol=1e-5)
+    assert torch.equal(big, before)
+
+    held.components(0, 12, limit)  # grows: only [5, 12) computed
+    assert computed == [7] and held.nbytes == 12 * component
+    ptr = held.values.data_ptr()
+    held.components(0, 2, limit)  # 12 > 4 · 2 but 96 kB is under the floor: a view
+    assert computed == [7] and held.values.data_ptr() == ptr and (held.lo, held.hi) == (0, 12)
+
+    held.components(0, 40, limit)
+    computed.clear()
+    held.components(0, 11, limit)  # 40 ≤ 4 · 11: a view
+    assert computed == [] and (held.lo, held.hi) == (0, 40)
+    held.components(0, 8, limit)  # 40 > 4 · 8: trimmed
+    held.components(0, 30, limit)  # grows: [8, 30) computed
+    assert computed == [22] and (held.lo, held.hi) == (0, 30)
+    moved = long_side(held.components(28, 34, limit))  # the union [0, 34) is over 4 · 6: [28, 34), [28, 30) kept
+    assert computed == [22, 4] and (held.lo, held.hi) == (28, 34) and held.nbytes == 6 * component
+    torch.testing.assert_close(moved, fresh(28, 34), rtol=1e-5, atol=1e-5)
+    assert TRIM_RATIO == 4  # the ratios above are written for it
+
+
+@pytest.mark.parametrize("shape", [(2000, 40), (40, 2000)])
+def test_small_moves_around_a_held_cut_are_views_even_above_the_trim_floor(shape, monkeypatch):
+    """Rank 30 -> 29 -> 31 -> 28 -> 30 -> 31 (as 100 -> 98 -> 102 on a real model), with the trim floor at 0: one new
+    component computed (the 31st) and one reallocation (to hold it), every other move a view of the same tensor,
+    and every answer a fresh product's."""
+    monkeypatch.setattr(spectral.factors, "TRIM_BYTES", 0)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(*shape, generator=g)
+    f = truncation_factors(w)
+    held = HeldComponents(f, w)
+    held.components(0, 30, 40)
+    computed = counting(held)
+    tensors = set()
+    for k in (29, 31, 28, 30, 31):
+        a, b = held.components(0, k, 40)
+        tensors.add(held.values.data_ptr())
+        fa, fb = f.components(w, 0, k)
+        torch.testing.assert_close(a, fa, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b, fb, rtol=1e-6, atol=1e-6)
+    assert computed == [1] and len(tensors) == 2 and (held.lo, held.hi) == (0, 31)
 
 
 def test_ill_conditioned_matrices_take_the_svd_route():

@@ -12,6 +12,8 @@ from spectral.lowrank import (
     LowRankWeight,
     cheaper_factorised,
     cheaper_residual,
+    most_factorised,
+    most_residual,
     residual_preferred,
 )
 from spectral.whatif import Choice, WhatIfSession
@@ -80,6 +82,24 @@ def test_factors_are_used_only_where_they_are_cheaper():
     assert not cheaper_residual((1000, 1000), 0)
     assert not cheaper_residual((100, 100), 1), "small matrices stay dense"
     assert residual_preferred(749, 19) and not residual_preferred(16, 16) and not residual_preferred(10, 758)
+
+
+@pytest.mark.parametrize("shape", [(100, 100), (50257, 768), (768, 3072), (3072, 768), (1000, 1000), (513, 512),
+                                   (512, 512), (40, 90), (1, 300_000), (1, 1)])
+def test_the_most_components_each_form_holds_is_the_largest_its_rule_accepts(shape):
+    """`most_factorised` and `most_residual` bound what a held range may grow to: each is the largest value its
+    `cheaper_*` rule accepts (one more is refused), or 0 where the rule accepts none: the residual form for matrices
+    of at most RESIDUAL_MIN_ELEMENTS entries (512 × 512 is exactly that many) or whose one component costs over
+    RESIDUAL_SHARE of them (1 × 300000), the factorised form for a 1 × 1 matrix."""
+    for most, cheaper in ((most_factorised(shape), cheaper_factorised), (most_residual(shape), cheaper_residual)):
+        assert most >= 0 and not cheaper(shape, most + 1)
+        if most:
+            assert cheaper(shape, most)
+        else:
+            assert not any(cheaper(shape, r) for r in range(1, min(shape) + 1))
+    assert most_factorised((50257, 768)) == 756 and most_residual((50257, 768)) == 378
+    assert most_residual((512, 512)) == 0 and most_residual((513, 512)) == 128
+    assert most_factorised((1, 1)) == 0 and most_residual((1, 300_000)) == 0
 
 
 def test_a_light_cut_is_held_as_the_model_weight_minus_its_tail_with_no_dense_buffer(tmp_path, monkeypatch):

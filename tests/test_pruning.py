@@ -121,6 +121,41 @@ def test_a_light_cut_of_a_long_thin_matrix_is_held_as_w_minus_its_removed_compon
         assert np.abs(pruner.matrix(name).double().numpy() - exact).max() < 1e-5 * np.abs(exact).max()
 
 
+def test_held_components_go_when_a_cut_turns_dense_or_back_to_the_original(session, monkeypatch):
+    """FC (128 × 32) through factorised, residual (the size floor lowered to it and the share to 2 components, so
+    ranks 26-29 are dense), dense (a precision, a seed, a rank too high for either form) and identity cuts: held
+    components exist only under the factorised and residual forms, the identity drops them with the factors viewing
+    them while a dense buffer stays (rank 27 -> none -> 29 resumes from it), and after every move the weights and
+    the model's outputs equal a fresh pruner's."""
+    import spectral.lowrank
+
+    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_SHARE", 0.1)
+    workspace, runnable, pruner = session
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6))
+    identity = Plan(Strategy("none"), "all", {})
+    steps = [(Cut(kept_rank=4), True), (Cut(kept_rank=4, precision="fp16"), False), (Cut(kept_rank=31), True),
+             (Cut(random_seed=3), False), (Cut(kept_rank=4), True), (None, False), (Cut(kept_rank=27), False),
+             (None, False), (Cut(kept_rank=29), False), (Cut(kept_rank=31), True), (None, False)]
+    for cut, holds in steps:
+        plan = identity if cut is None else only(FC, cut)
+        pruner.apply(plan)
+        state = pruner._working[FC]
+        assert (state.held is not None) == holds == (state.low_rank is not None), cut
+        assert state.active == (cut is not None)
+        if cut is None:
+            assert pruner.overrides() == {} and state.base is None
+        if cut == Cut(kept_rank=31):
+            assert state.base is not None  # the residual form
+        if cut == Cut(kept_rank=29):
+            assert state.increments == 1  # built from the rank-27 buffer kept while inactive
+        fresh = Pruner(workspace, runnable)
+        fresh.apply(plan)
+        torch.testing.assert_close(pruner.matrix(FC), fresh.matrix(FC), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(runnable.forward(x, pruner.overrides()), runnable.forward(x, fresh.overrides()),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_band_removes_exactly_one_decile_of_singular_values(session):
     workspace, _, pruner = session
     s = numpy_svd(workspace.weight(FC))[1]
