@@ -29,7 +29,8 @@ from pydoc_data.topics import topics
 
 import torch
 
-from spectral.lowrank import LowRankWeight
+from spectral.heap import release_freed_memory
+from spectral.lowrank import ImplicitWeight
 
 DEFAULT_POSITIONS = 2048  # predicted positions in the evaluation batch (issue 4: at least 2,000 for the demo)
 DEFAULT_SEQUENCE = 128  # tokens per evaluation sequence when the model allows it
@@ -259,11 +260,8 @@ def module_device(runnable) -> torch.device:
 
 
 def to_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A cut matrix on `device`, a factorised one kept factorised (spectral/lowrank.py)."""
-    if isinstance(value, LowRankWeight):
-        return LowRankWeight(value.left.to(device), value.right.to(device),
-                             None if value.base is None else value.base.to(device))
-    return value.to(device)
+    """A cut matrix on `device`, an implicit one kept implicit (spectral/lowrank.py)."""
+    return value.to_device(device) if isinstance(value, ImplicitWeight) else value.to(device)
 
 
 @dataclass
@@ -360,6 +358,9 @@ ESTIMATE_SEQUENCES = 8  # sequences in the estimate subset (spread evenly over t
 ESTIMATE_TOKENS = 32  # their first tokens: the subset's logits equal the full batch's at those positions (causal)
 CHUNK_POSITIONS = 512  # positions per evaluation chunk: a rerun request can interrupt between chunks
 KEEP_REFERENCE_BYTES = 256 * 2**20  # reference logits kept up to this size; beyond it they are recomputed
+HEAD_POSITIONS = 128  # a staged causal LM's head runs on this many positions at a time: the logits of a chunk (cut
+# and untouched, each positions × vocabulary floats) never exist whole. SmolLM2's shape (vocabulary 49,152; chunks of
+# 512 positions): 200 MiB less at the peak of a what-if move, at no cost in time (bench/bench_whatif.py, 2026-12-01)
 ESTIMATE_WORTH_SECONDS = 0.5  # a full batch slower than this gets an estimate first
 
 
@@ -420,6 +421,7 @@ class Evaluator:
             if progress:
                 progress(i + 1, len(self._chunks), "untouched model")
         self._parts = parts
+        release_freed_memory()  # the forward passes' temporaries (spectral/heap.py)
         self.reference_seconds = time.perf_counter() - start
 
     @property
@@ -453,8 +455,9 @@ class Evaluator:
     # ---------------------------------------------------------------------------------------------- reference
 
     @torch.inference_mode()
-    def _run_stages(self, overrides: Mapping[str, torch.Tensor], start: int, x, keep: list | None = None):
-        for stage in self.runnable.stages[start:]:
+    def _run_stages(self, overrides: Mapping[str, torch.Tensor], start: int, x, keep: list | None = None,
+                    stop: int | None = None):
+        for stage in self.runnable.stages[start:stop]:
             if keep is not None:
                 keep.append(x)
             x = stage.run(overrides, x)
@@ -471,16 +474,32 @@ class Evaluator:
         keep: list = []
         ids = ids.to(self.device)
         targets = None if targets is None else targets.to(self.device)
+        if self.kind == "causal_lm" and self.runnable.stages:
+            keep.append(self._run_stages({}, 0, ids, keep, stop=-1))  # the head's input, then the head in slices
+            flat_targets = None if targets is None else targets.reshape(-1)
+            pieces = []  # (lse, argmax, nll, the logits when kept) of each slice
+            for a, b, logits in self._head_slices({}, keep[-1]):
+                *summary, logits = _head_summary(logits, None if flat_targets is None else flat_targets[a:b])
+                pieces.append((*summary, logits if self.keep_logits else None))
+            lse, argmax, nll, kept = (None if pieces[0][i] is None else torch.cat([p[i] for p in pieces])
+                                      for i in range(4))
+            return _Reference(rows, ids, targets, keep, kept, lse, argmax, nll)
         out = self._run_stages({}, 0, ids, keep) if self.runnable.stages else self.runnable.forward(ids)
         if self.kind == "encoder":
             return _Reference(rows, ids, targets, keep, out, None, None, None)
         logits = out.reshape(-1, out.shape[-1]).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        nll = None
-        if targets is not None:
-            nll = (lse - logits.gather(1, targets.reshape(-1)[:, None])[:, 0]).double()
-        return _Reference(rows, ids, targets, keep, logits if self.keep_logits else None, lse,
-                          logits.argmax(dim=-1), nll)
+        lse, argmax, nll, _ = _head_summary(logits, None if targets is None else targets.reshape(-1))
+        return _Reference(rows, ids, targets, keep, logits if self.keep_logits else None, lse, argmax, nll)
+
+    def _head_slices(self, overrides: Mapping[str, torch.Tensor], states: torch.Tensor):
+        """(a, b, logits of positions a..b) of a staged causal LM's head over its input states (B, T, C), run on
+        HEAD_POSITIONS positions at a time (the head is position-wise: models/contract.py `Stage`)."""
+        head = self.runnable.stages[-1]
+        flat = states.reshape(-1, states.shape[-1])
+        for a in range(0, flat.shape[0], HEAD_POSITIONS):
+            b = min(a + HEAD_POSITIONS, flat.shape[0])
+            out = head.run(overrides, flat[None, a:b])
+            yield a, b, out.reshape(b - a, out.shape[-1]).float()
 
     def _reference_logits(self, part: _Reference) -> torch.Tensor:
         """The untouched logits of a part: kept, or recomputed by the last stage from its cached input."""
@@ -534,6 +553,24 @@ class Evaluator:
         return torch.cat([self._outputs(p, overrides, start) for p in self.parts]), start
 
     @torch.inference_mode()
+    def _part_metrics(self, part: _Reference, overrides: Mapping[str, torch.Tensor], start: int) -> PositionMetrics:
+        """Position metrics of the cut model on one part. A staged causal LM whose head runs again is run through its
+        body, then its head and the untouched one slice by slice (`_head_slices`), metrics as they come."""
+        stages = self.runnable.stages
+        if not stages or start >= len(stages):
+            return self._position_metrics(part, self._outputs(part, overrides, start))
+        states = part.stage_inputs[-1] if start == len(stages) - 1 else self._run_stages(
+            overrides, start, part.stage_inputs[start], stop=-1)
+        targets = part.targets.reshape(-1) if part.targets is not None else None
+        untouched = None if part.logits is not None else self._head_slices({}, part.stage_inputs[-1])
+        found = []
+        for a, b, logits in self._head_slices(overrides, states):
+            reference = part.logits[a:b] if untouched is None else next(untouched)[2]
+            found.append(position_metrics(reference, part.lse[a:b], part.argmax[a:b], logits,
+                                          None if targets is None else targets[a:b]))
+        return _merged(found)
+
+    @torch.inference_mode()
     def _position_metrics(self, part: _Reference, outputs: torch.Tensor) -> PositionMetrics:
         logits = outputs.reshape(-1, outputs.shape[-1]).float()
         targets = part.targets.reshape(-1) if part.targets is not None else None
@@ -548,8 +585,7 @@ class Evaluator:
             n = part.input_ids.numel()
             found.append(self._position_metrics(part, logits[offset:offset + n]))
             offset += n
-        nll = None if any(m.nll is None for m in found) else torch.cat([m.nll for m in found])
-        return PositionMetrics(torch.cat([m.kl for m in found]), torch.cat([m.agree for m in found]), nll)
+        return _merged(found)
 
     def _summary(self, m: PositionMetrics, *, seconds: float, start: int) -> EvalMetrics:
         after = None if m.nll is None else math.exp(float(m.nll.mean()))
@@ -580,12 +616,10 @@ class Evaluator:
             return self.compare(out, start_stage=start, seconds=time.perf_counter() - t0)
         found = []
         for i, part in enumerate(self.parts):
-            found.append(self._position_metrics(part, self._outputs(part, overrides, start)))
+            found.append(self._part_metrics(part, overrides, start))
             if progress:
                 progress(i + 1, len(self.parts), "evaluation")
-        nll = None if any(m.nll is None for m in found) else torch.cat([m.nll for m in found])
-        merged = PositionMetrics(torch.cat([m.kl for m in found]), torch.cat([m.agree for m in found]), nll)
-        return self._summary(merged, seconds=time.perf_counter() - t0, start=start)
+        return self._summary(_merged(found), seconds=time.perf_counter() - t0, start=start)
 
     @torch.inference_mode()
     def estimate(self, overrides: Mapping[str, torch.Tensor] | None = None) -> EvalMetrics | None:
@@ -601,7 +635,7 @@ class Evaluator:
         overrides = overrides or {}
         start = self.start_stage(overrides)
         overrides = self._on_device(overrides)
-        m = self._position_metrics(part, self._outputs(part, overrides, start))
+        m = self._part_metrics(part, overrides, start)
         n_seq = part.input_ids.shape[0]
 
         def mean_se(values: torch.Tensor) -> tuple[float, float]:
@@ -619,3 +653,16 @@ class Evaluator:
         return EvalMetrics(agreement, kl, before, after, None, time.perf_counter() - t0, start, estimate=True,
                            positions=int(part.input_ids.numel()), agreement_se=agreement_se, kl_se=kl_se,
                            perplexity_se=after_se)
+
+
+def _merged(found: list[PositionMetrics]) -> PositionMetrics:
+    """Position metrics of consecutive pieces, as one."""
+    nll = None if any(m.nll is None for m in found) else torch.cat([m.nll for m in found])
+    return PositionMetrics(torch.cat([m.kl for m in found]), torch.cat([m.agree for m in found]), nll)
+
+
+def _head_summary(logits: torch.Tensor, targets: torch.Tensor | None):
+    """(log-sum-exp, argmax, −log p(target) in float64 or None, the logits) of untouched (P, V) logits."""
+    lse = torch.logsumexp(logits, dim=-1)
+    nll = None if targets is None else (lse - logits.gather(1, targets[:, None])[:, 0]).double()
+    return lse, logits.argmax(dim=-1), nll, logits

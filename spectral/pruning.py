@@ -25,9 +25,10 @@ truncation factors (singular values and the short side's singular vectors, spect
 pruner: cached originals are never written. A truncation to rank k whose factors cost less than the dense matrix
 (k·(m+n) < m·n) is not rebuilt at all: the pruner keeps its factors and hands the model a `LowRankWeight`, which
 runs as two thin matmuls, so a heavily cut model evaluates faster than the untouched one (spectral/lowrank.py).
-A truncation that removes few components (or a band cut) is held the other way round: W minus the removed
-components, `LowRankWeight(−W·Q_r, Q_rᵀ, base=W)` over the model's own untouched weight, when those components cost
-at most `RESIDUAL_SHARE` of the dense matrix: no new m × n buffer, and a slider move only re-slices the factors.
+Any other truncation (or band cut) of a matrix over `PROJECTED_MIN_ELEMENTS` entries is a `ProjectedWeight`: the
+model's own untouched weight projected onto its kept singular directions or off its removed ones (whichever are
+fewer), read through columns of the factors' Q. It holds nothing beyond what the workspace and the model hold
+already, and a slider move only re-slices Q.
 Otherwise a truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built densely the cheapest of three exact ways: from the head
 (cost ∝ k), as W minus the tail (∝ r − k), or from the previous W_k' by adding or subtracting the components between
 k and k' (∝ |k − k'|, what a slider move needs); the incremental route is re-based by a full rebuild every
@@ -50,12 +51,12 @@ from models.registry import gpt_metadata
 from spectral.analysis import Settings, factorised_params
 from spectral.factors import HeldComponents
 from spectral.lowrank import (
+    ImplicitWeight,
     LowRankWeight,
+    ProjectedWeight,
     cheaper_factorised,
-    cheaper_residual,
     most_factorised,
-    most_residual,
-    residual_preferred,
+    projected,
 )
 from spectral.matrices import to_analysed, to_stored
 from spectral.metrics import energy_rank
@@ -361,25 +362,21 @@ class PruneResult:
 
 @dataclass
 class _Working:
-    """The pruner's copy of one cut matrix (analysed layout, float32): a dense buffer, or, for a truncation whose
-    factors are cheaper than the dense matrix, the factors themselves (`low_rank`: W_k = left·right)."""
+    """The pruner's copy of one cut matrix (analysed layout, float32): a dense buffer, or, for a truncation, an
+    implicit weight (spectral/lowrank.py): its factors, or the model's weight projected off its removed components."""
 
     buffer: torch.Tensor | None = None  # allocated on the first dense cut
-    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None  # (left m×k, right k×n) while the cut is factorised
+    implicit: ImplicitWeight | None = None  # while the cut is a truncation held without a dense buffer
     cut: Cut = IDENTITY
     exact_rank: int | None = None  # the buffer holds exactly the rank-k truncation (no quantisation), k = this
     increments: int = 0
     active: bool = False
     relative_error: float = 0.0
-
-    base: torch.Tensor | None = None  # with `low_rank`: W_cut = base + left·right (base: the untouched matrix)
-    held: HeldComponents | None = None  # the long side of factorised and residual cuts, kept across moves
+    held: HeldComponents | None = None  # the long side of a factorised cut, kept across moves
 
     def dense(self) -> torch.Tensor:
-        """The cut matrix as one dense tensor (the buffer, or the factors' product)."""
-        if self.low_rank is None:
-            return self.buffer
-        return LowRankWeight(*self.low_rank, self.base).dense()
+        """The cut matrix as one dense tensor (the buffer, or the implicit weight's product)."""
+        return self.buffer if self.implicit is None else self.implicit.dense()
 
 
 class Pruner:
@@ -442,14 +439,13 @@ class Pruner:
 
     def _active_stored(self, factorised: bool = False):
         """(matrix, its cut values in the stored layout) for every matrix the current plan changes; with
-        `factorised`, truncations held as factors come as a `LowRankWeight` (two thin matmuls in a forward pass)."""
+        `factorised`, truncations held implicitly come as their `ImplicitWeight` (spectral/lowrank.py)."""
         for info in self.workspace.matrices:
             state = self._working.get(info.name)
             if state is None or not state.active:
                 continue
-            if factorised and state.low_rank is not None:
-                weight = LowRankWeight(*state.low_rank, state.base)
-                yield info, weight.transposed() if info.transposed else weight
+            if factorised and state.implicit is not None:
+                yield info, state.implicit.transposed() if info.transposed else state.implicit
             else:
                 yield info, to_stored(state.dense(), info)
 
@@ -478,29 +474,26 @@ class Pruner:
         k = cut.kept_rank
         shape = tuple(info.shape)
         removed = (k, min(info.shape)) if k is not None and k > 0 else cut.removed
-        plain = cut.precision == "fp32" and len(info.source_shape) == 2
-        factorised = plain and k is not None and 0 < k and cheaper_factorised(shape, k)
-        residual = plain and removed is not None and cut.random_seed is None \
-            and cheaper_residual(shape, removed[1] - removed[0])
-        if factorised and not (residual and residual_preferred(k, removed[1] - removed[0])):
+        plain = cut.precision == "fp32" and len(info.source_shape) == 2 and cut.random_seed is None
+        if plain and k is not None and cheaper_factorised(shape, k):
             f = self._held(state, info, W).factors
             # one side a view of what is held, the other a view of Q
-            state.low_rank, state.base = state.held.components(0, k, most_factorised(shape)), None
+            state.implicit = LowRankWeight(*state.held.components(0, k, most_factorised(shape)))
             self._drop_buffer(state)
             state.cut, state.active = cut, True
             state.relative_error = relative_error_from_spectrum(f.S, slice(k, None))
             return
-        if residual:
-            f = self._held(state, info, W).factors
-            left, right = state.held.components(*removed, most_residual(shape))
-            # W minus the removed components (W is the model's own); the sign goes on Q's side, the small one
-            state.low_rank = (-left, right) if f.left else (left, -right)
-            state.base = W
+        if plain and removed is not None and projected(shape):
+            f = self.workspace.truncation(info.name)
+            lo, hi = removed
+            keep = hi == min(shape) and lo < hi - lo  # onto the kept head when it is the smaller set
+            q = f.Q[:, :lo] if keep else f.Q[:, lo:hi]
+            state.implicit, state.held = ProjectedWeight(W, q, "left" if f.left else "right", keep), None
             self._drop_buffer(state)
             state.cut, state.active = cut, True
-            state.relative_error = relative_error_from_spectrum(f.S, slice(*removed))
+            state.relative_error = relative_error_from_spectrum(f.S, slice(lo, hi))
             return
-        state.low_rank, state.base, state.held = None, None, None
+        state.implicit, state.held = None, None
         if state.buffer is None:
             state.buffer = torch.empty(W.shape, dtype=torch.float32)
         buf = state.buffer
@@ -547,7 +540,7 @@ class Pruner:
         state.cut, state.exact_rank, state.active, state.relative_error = cut, exact, True, error
 
     def _held(self, state: _Working, info, W: torch.Tensor) -> HeldComponents:
-        """The matrix's held components (made on its first factorised or residual cut)."""
+        """The matrix's held components (made on its first factorised cut)."""
         if state.held is None:
             state.held = HeldComponents(self.workspace.truncation(info.name), W)
         return state.held
@@ -556,7 +549,7 @@ class Pruner:
     def _deactivate(state: _Working) -> None:
         """The matrix is back to its original: its held components go, with the factors that view them (they would
         keep that memory alive); a dense buffer stays as it is, so a later dense cut can resume from `exact_rank`."""
-        state.active, state.low_rank, state.base, state.held = False, None, None, None
+        state.active, state.implicit, state.held = False, None, None
 
     @staticmethod
     def _drop_buffer(state: _Working) -> None:
@@ -572,7 +565,7 @@ class Pruner:
                 if not ref.transposed:
                     out[ref.name] = stored
                 else:
-                    out[ref.name] = stored.transposed() if isinstance(stored, LowRankWeight) else stored.T
+                    out[ref.name] = stored.transposed() if isinstance(stored, ImplicitWeight) else stored.T
         return out
 
     # --------------------------------------------------------------------------------------------------- report

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from spectral.analysis import Settings
 from spectral.evaluation import EvalBatch, EvalMetrics, Evaluator
+from spectral.heap import release_freed_memory
 from spectral.pruning import (
     DEFAULT_VALUES,
     Plan,
@@ -247,6 +248,7 @@ class WhatIfSession:
                 self._metrics.popitem(last=False)
         else:
             self._metrics.move_to_end(key)
+        release_freed_memory()  # what the rebuild and the evaluation freed (spectral/heap.py)
         t2 = time.perf_counter()
         timings.update(evaluate=t2 - t1, total=plan_seconds + t2 - t0)
         return WhatIfResult(plan, prune, metrics, self.evaluator.batch, self.kind, timings, label, estimate)
@@ -259,6 +261,8 @@ class WhatIfSession:
             if progress:
                 progress(i, len(todo), name)
             self.workspace.truncation(name)
+        if todo:
+            release_freed_memory()
         if progress and todo:
             progress(len(todo), len(todo), "")
 

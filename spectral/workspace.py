@@ -34,6 +34,7 @@ from spectral.checkpoint import Checkpoint, load_checkpoint
 from spectral.devices import CPU, Device, singular_values_on
 from spectral.diagnostics import EntryStats, entry_statistics
 from spectral.factors import Factors, factors_and_singular_values
+from spectral.heap import release_freed_memory
 from spectral.matrices import MatrixInfo, find_matrices, matrix_view
 from spectral.nulls import DEFAULT_SHUFFLES, NULLS, biwhitened_spectrum, permutation_null
 from spectral.spectra import singular_values
@@ -352,6 +353,7 @@ class Workspace:
                         self.truncation(info.name, _within(progress, i, len(todo), info.name))
                     except NonFiniteMatrix:
                         continue
+                release_freed_memory()  # the Gram matrices and slices just freed (spectral/heap.py)
                 if progress:
                     progress(len(todo), len(todo), "")
             return self.spectra(progress)
@@ -371,6 +373,7 @@ class Workspace:
             if progress:
                 progress(i, len(todo), name)
             self.truncation(name)
+        release_freed_memory()
         if progress and todo:
             progress(len(todo), len(todo), "")
 

@@ -331,3 +331,38 @@ def test_a_model_with_a_tokenizer_but_no_text_reads_cpythons_topics_instead_of_s
                              stages=runnable.stages)
     batch = make_eval_batch(text_runnable, positions=128)
     assert batch.source == "builtin" and batch.targets is not None and batch.positions >= 128
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 30])  # the untouched logits recomputed per slice, or kept
+def test_the_head_run_in_slices_gives_the_metrics_of_whole_forward_passes(gpt_session, monkeypatch, keep_bytes):
+    """A staged causal LM's head runs on HEAD_POSITIONS positions at a time (7 here: slices across sequence ends):
+    for a cut from the first stage, in a late block and in the head alone, agreement, KL and perplexity equal those
+    of whole forward passes of both models computed in float64 here."""
+    import spectral.evaluation
+
+    monkeypatch.setattr(spectral.evaluation, "HEAD_POSITIONS", 7)
+    _, runnable = gpt_session
+    ids = torch.randint(0, 64, (6, 21), generator=torch.Generator().manual_seed(4))
+    batch = EvalBatch(ids[:, :-1], ids[:, 1:], "test")
+    evaluator = Evaluator(runnable, batch, chunk_positions=40, keep_bytes=keep_bytes)
+    g = torch.Generator().manual_seed(5)
+    for overrides, start in (({"tok_emb.weight": torch.randn(64, 32, generator=g)}, 0),
+                             ({"blocks.1.mlp.c_fc.weight": torch.randn(128, 32, generator=g)}, 2),
+                             ({"ln_f.weight": torch.rand(32, generator=g) + 0.5}, 3)):
+        def oracle(rows: slice, length: int, overrides=overrides):
+            x, y = batch.input_ids[rows, :length], batch.targets[rows, :length].reshape(-1).numpy()
+            p = torch.log_softmax(runnable.forward(x).double(), -1).reshape(-1, 64).numpy()
+            q = torch.log_softmax(runnable.forward(x, overrides).double(), -1).reshape(-1, 64).numpy()
+            kl = float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
+            agreement = float(np.mean(p.argmax(1) == q.argmax(1)))
+            def nll(lp):
+                return math.exp(float(-np.mean(lp[np.arange(len(y)), y])))
+
+            return agreement, kl, nll(p), nll(q)
+
+        got = evaluator.evaluate(overrides)
+        assert got.start_stage == start
+        agreement, kl, before, after = oracle(slice(None), 20)
+        assert got.agreement == agreement and got.kl == pytest.approx(kl, rel=1e-5)
+        assert got.perplexity_before == pytest.approx(before, rel=1e-5)
+        assert got.perplexity_after == pytest.approx(after, rel=1e-5)

@@ -8,13 +8,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from spectral.lowrank import (
-    RESIDUAL_SHARE,
+    ImplicitWeight,
     LowRankWeight,
+    ProjectedWeight,
     cheaper_factorised,
-    cheaper_residual,
     most_factorised,
-    most_residual,
-    residual_preferred,
+    projected,
 )
 from spectral.whatif import Choice, WhatIfSession
 from tests.tiny_models import save_tiny_gpt
@@ -40,21 +39,39 @@ def test_linear_embedding_and_matmuls_equal_the_dense_product(factors):
     torch.testing.assert_close(w.transposed().dense(), dense.T)
 
 
-def test_a_base_plus_factors_equals_the_dense_sum_in_every_rewritten_operation(factors):
-    """W = base + left·right (how a cut that removes few components is held): each rewritten operation, the
-    transpose and `dense()` against the dense sum."""
-    left, right, _ = factors
+def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_projected_weight_equals_the_dense_projection_in_every_rewritten_operation(side, keep):
+    """P·W or W·P, P = QQᵀ or I − QQᵀ, built densely here: each rewritten operation, the transpose, `dense()`, an
+    operation nobody rewrote, and an embedding with max_norm (which renormalises rows: the dense route)."""
     base = torch.randn(30, 20, generator=torch.Generator().manual_seed(1))
-    w, dense = LowRankWeight(left, right, base), base + left @ right
+    q = orthonormal(30 if side == "left" else 20, 4, seed=2)
+    p = q @ q.T if keep else torch.eye(q.shape[0]) - q @ q.T
+    dense = p @ base if side == "left" else base @ p
+    w = ProjectedWeight(base, q, side, keep)
     x, ids, y, bias = torch.randn(5, 20), torch.tensor([[0, 7, 29]]), torch.randn(5, 30), torch.randn(30)
     torch.testing.assert_close(F.linear(x, w, bias), F.linear(x, dense, bias))
+    torch.testing.assert_close(F.linear(x, w), F.linear(x, dense))
     torch.testing.assert_close(F.embedding(ids, w), F.embedding(ids, dense))
     torch.testing.assert_close(y @ w, y @ dense)
     torch.testing.assert_close(torch.addmm(torch.ones(20), y, w), torch.addmm(torch.ones(20), y, dense))
+    torch.testing.assert_close(w.dense(), dense)
     torch.testing.assert_close(w.transposed().dense(), dense.T)
+    torch.testing.assert_close(y @ w.transposed().transposed(), y @ dense)
     torch.testing.assert_close(w * 2.0, dense * 2.0)
-    with pytest.raises(ValueError, match="base"):
-        LowRankWeight(left, right, base.T)
+    torch.testing.assert_close(F.embedding(ids, w, max_norm=1.0), F.embedding(ids, dense.clone(), max_norm=1.0))
+    assert tuple(w.shape) == (30, 20) and isinstance(w, ImplicitWeight)
+
+
+def test_a_projected_weight_refuses_a_projection_of_the_wrong_size():
+    with pytest.raises(ValueError, match="does not project"):
+        ProjectedWeight(torch.randn(30, 20), orthonormal(20, 4, seed=0), "left", True)
+    with pytest.raises(ValueError, match="side"):
+        ProjectedWeight(torch.randn(30, 20), orthonormal(30, 4, seed=0), "top", True)
 
 
 def test_shape_queries_do_not_build_the_dense_matrix_and_anything_else_sees_it(factors):
@@ -74,47 +91,57 @@ def test_modules_read_it_through_functional_call(factors):
     torch.testing.assert_close(functional_call(embedding, {"weight": LowRankWeight(left, right)}, (ids,)), dense[ids])
 
 
-def test_factors_are_used_only_where_they_are_cheaper():
-    assert cheaper_factorised((100, 100), 49) and not cheaper_factorised((100, 100), 50)
-    assert not cheaper_factorised((100, 100), 0)
-    removable = int(RESIDUAL_SHARE * 1000 * 1000 / 2000)  # (m + n)·r ≤ share·m·n
-    assert cheaper_residual((1000, 1000), removable) and not cheaper_residual((1000, 1000), removable + 1)
-    assert not cheaper_residual((1000, 1000), 0)
-    assert not cheaper_residual((100, 100), 1), "small matrices stay dense"
-    assert residual_preferred(749, 19) and not residual_preferred(16, 16) and not residual_preferred(10, 758)
-
-
-@pytest.mark.parametrize("shape", [(100, 100), (50257, 768), (768, 3072), (3072, 768), (1000, 1000), (513, 512),
-                                   (512, 512), (40, 90), (1, 300_000), (1, 1)])
-def test_the_most_components_each_form_holds_is_the_largest_its_rule_accepts(shape):
-    """`most_factorised` and `most_residual` bound what a held range may grow to: each is the largest value its
-    `cheaper_*` rule accepts (one more is refused), or 0 where the rule accepts none: the residual form for matrices
-    of at most RESIDUAL_MIN_ELEMENTS entries (512 × 512 is exactly that many) or whose one component costs over
-    RESIDUAL_SHARE of them (1 × 300000), the factorised form for a 1 × 1 matrix."""
-    for most, cheaper in ((most_factorised(shape), cheaper_factorised), (most_residual(shape), cheaper_residual)):
-        assert most >= 0 and not cheaper(shape, most + 1)
-        if most:
-            assert cheaper(shape, most)
-        else:
-            assert not any(cheaper(shape, r) for r in range(1, min(shape) + 1))
-    assert most_factorised((50257, 768)) == 756 and most_residual((50257, 768)) == 378
-    assert most_residual((512, 512)) == 0 and most_residual((513, 512)) == 128
-    assert most_factorised((1, 1)) == 0 and most_residual((1, 300_000)) == 0
-
-
-def test_a_light_cut_is_held_as_the_model_weight_minus_its_tail_with_no_dense_buffer(tmp_path, monkeypatch):
-    """Rank 90% (the size floor lowered to the tiny model's matrices): each matrix is W minus its removed components
-    over the model's own weight (no new m × n buffer), its dense form equals W_k from a float64 SVD, and the
-    evaluation equals the same cut applied densely."""
+def test_factors_are_used_only_where_they_are_cheaper(monkeypatch):
+    """k(m + n) multiply-adds against FACTORISED_SHARE · m·n: below the dense cost at share 1, below half of it at
+    the default 0.5."""
     import spectral.lowrank
 
-    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
+    assert spectral.lowrank.FACTORISED_SHARE == 0.5
+    assert cheaper_factorised((100, 100), 24) and not cheaper_factorised((100, 100), 25)
+    monkeypatch.setattr(spectral.lowrank, "FACTORISED_SHARE", 1.0)
+    assert cheaper_factorised((100, 100), 49) and not cheaper_factorised((100, 100), 50)
+    assert not cheaper_factorised((100, 100), 0)
+    assert projected((513, 512)) and not projected((512, 512)), "small matrices stay dense"
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5])
+@pytest.mark.parametrize("shape", [(100, 100), (50257, 768), (768, 3072), (3072, 768), (1000, 1000), (40, 90),
+                                   (1, 300_000), (1, 1)])
+def test_the_most_components_the_factorised_form_holds_is_the_largest_its_rule_accepts(shape, share, monkeypatch):
+    """`most_factorised` bounds what a held range may grow to: the largest rank `cheaper_factorised` accepts (one
+    more is refused), or 0 where it accepts none (a 1 × 1 matrix), at the default share and a smaller one."""
+    import spectral.lowrank
+
+    monkeypatch.setattr(spectral.lowrank, "FACTORISED_SHARE", share)
+    most = most_factorised(shape)
+    assert most >= 0 and not cheaper_factorised(shape, most + 1)
+    if most:
+        assert cheaper_factorised(shape, most)
+    else:
+        assert not any(cheaper_factorised(shape, r) for r in range(1, min(shape) + 1))
+    if share == 1.0:
+        assert most_factorised((50257, 768)) == 756 and most_factorised((100, 100)) == 49
+    else:
+        assert most_factorised((50257, 768)) == 378 and most_factorised((100, 100)) == 24
+    assert most_factorised((1, 1)) == 0
+
+
+def test_a_light_cut_is_the_model_weight_projected_off_its_tail_with_no_dense_buffer(tmp_path, monkeypatch):
+    """Rank 90% (the size floor lowered to the tiny model's matrices): each matrix is the model's own weight
+    projected off its removed components (no new m × n buffer, nothing held beside it), its dense form equals W_k
+    from a float64 SVD, and the evaluation equals the same cut applied densely."""
+    import spectral.lowrank
+
+    monkeypatch.setattr(spectral.lowrank, "PROJECTED_MIN_ELEMENTS", 0)
     path = save_tiny_gpt(tmp_path / "tiny.safetensors")
     session = WhatIfSession.open(path, positions=256)
     result = session.run(Choice("rank", 0.9))
     overrides = session.pruner.overrides()
-    held = [t for t in overrides.values() if isinstance(t, LowRankWeight) and t.base is not None]
-    assert held and all(s._working[n].buffer is None for s in [session.pruner] for n in s._working)
+    held = [t for t in overrides.values() if isinstance(t, ProjectedWeight)]
+    assert held and not any(t.keep for t in held)
+    assert all(s.buffer is None and s.held is None for s in session.pruner._working.values())
+    model = {p.untyped_storage().data_ptr() for p in session.runtime.require().module.parameters()}
+    assert all(t.base.untyped_storage().data_ptr() in model for t in held), "the base is the model's own weight"
     for info in session.workspace.matrices:
         cut = result.plan.cuts.get(info.name)
         if cut is None or cut.kept_rank is None:
@@ -124,20 +151,20 @@ def test_a_light_cut_is_held_as_the_model_weight_minus_its_tail_with_no_dense_bu
         exact = (U[:, :k] * S[:k]) @ Vh[:k]
         got = session.pruner.matrix(info.name).double()
         assert float((got - exact).norm() / exact.norm()) < 1e-5, info.name
-    dense = {name: t.dense() if isinstance(t, LowRankWeight) else t for name, t in overrides.items()}
+    dense = {name: t.dense() if isinstance(t, ImplicitWeight) else t for name, t in overrides.items()}
     plain = session.evaluator.evaluate(dense)
     assert result.metrics.kl == pytest.approx(plain.kl, rel=1e-4, abs=1e-9)
     assert result.metrics.agreement == pytest.approx(plain.agreement, abs=1 / 256)
 
 
 def test_slider_moves_through_held_components_equal_a_fresh_cut_every_time(tmp_path, monkeypatch):
-    """Energy moves up and down, crossing between the residual and the factorised forms (the size floor lowered to
+    """Energy moves up and down, crossing between the projected and the factorised forms (the size floor lowered to
     the tiny model's matrices): after each, every cut matrix, built from components held across moves, equals the
     same plan applied by a fresh pruner (tests/test_factors.py checks that only new components are computed)."""
     import spectral.lowrank
     from spectral.pruning import Pruner
 
-    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(spectral.lowrank, "PROJECTED_MIN_ELEMENTS", 0)
     path = save_tiny_gpt(tmp_path / "tiny.safetensors")
     session = WhatIfSession.open(path, positions=64)
     forms = set()
@@ -147,11 +174,11 @@ def test_slider_moves_through_held_components_equal_a_fresh_cut_every_time(tmp_p
         fresh.apply(result.plan)
         for info in session.workspace.matrices:
             state = session.pruner._working.get(info.name)
-            if state is not None and state.active and state.low_rank is not None:
-                forms.add("residual" if state.base is not None else "factorised")
+            if state is not None and state.active and state.implicit is not None:
+                forms.add(type(state.implicit).__name__)
             torch.testing.assert_close(session.pruner.matrix(info.name), fresh.matrix(info.name),
                                        rtol=1e-5, atol=1e-6)
-    assert forms == {"residual", "factorised"}
+    assert forms == {"ProjectedWeight", "LowRankWeight"}
 
 
 def test_a_heavily_cut_model_evaluates_through_factors_like_the_dense_cut(tmp_path):
@@ -177,5 +204,9 @@ def test_a_cut_matrix_moves_to_the_model_device_still_factorised():
     moved = to_device(LowRankWeight(left, right), torch.device("meta"))
     assert isinstance(moved, LowRankWeight) and moved.rank == 2 and tuple(moved.shape) == (6, 5)
     assert moved.left.device.type == moved.right.device.type == "meta"
+    projection = to_device(ProjectedWeight(torch.randn(6, 5), orthonormal(5, 2, seed=0), "right", False),
+                           torch.device("meta"))
+    assert isinstance(projection, ProjectedWeight) and tuple(projection.shape) == (6, 5)
+    assert projection.base.device.type == projection.q.device.type == "meta" and projection.side == "right"
     dense = to_device(torch.randn(3, 4), torch.device("meta"))
-    assert dense.device.type == "meta" and not isinstance(dense, LowRankWeight)
+    assert dense.device.type == "meta" and not isinstance(dense, ImplicitWeight)

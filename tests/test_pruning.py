@@ -10,6 +10,7 @@ import torch
 from models.gpt import GPT, GPTConfig
 from models.registry import runnable_model
 from spectral.checkpoint import load_checkpoint
+from spectral.lowrank import LowRankWeight, ProjectedWeight
 from spectral.metrics import energy_rank
 from spectral.pruning import (
     INT8_LEVELS,
@@ -97,56 +98,64 @@ def test_slider_moves_rebuild_incrementally_without_drift(session):
         assert np.abs(pruner.matrix(FC).double().numpy() - oracle).max() < 1e-5
 
 
-def test_a_light_cut_of_a_long_thin_matrix_is_held_as_w_minus_its_removed_components(tmp_path, monkeypatch):
-    """A 4096 × 32 embedding (the size floor lowered to it): rank k ≤ 31 is cheaper factorised, and W minus its
-    32 − k removed components is cheaper than a dense copy while 32 − k ≤ 15. Where both apply, the form holding
-    fewer components wins: the residual at k = 31 and 20 (1 and 12 against 31 and 20), the factorised at k = 16
-    (a tie) and k = 8 (only it applies). Every cut equals the SVD truncation."""
+def test_each_truncation_of_a_long_thin_matrix_takes_the_form_its_rank_calls_for(tmp_path, monkeypatch):
+    """A 4096 × 32 embedding (the size floor lowered to it, the factorised share to 1/4): ranks k·4128 < 32768,
+    k ≤ 7, run as factors; above, the model's weight is projected onto the kept head while it is the smaller set
+    (k = 8, 12) and off the removed tail from there (k = 16, 20, 31). Only the factorised form holds components,
+    none a dense buffer; every cut equals the SVD truncation."""
     import spectral.lowrank
 
-    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(spectral.lowrank, "PROJECTED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(spectral.lowrank, "FACTORISED_SHARE", 0.25)
     config = GPTConfig(vocab_size=4096, n_layer=1, n_embd=32, n_head=2, block_size=32)
     ckpt = load_checkpoint(save_tiny_gpt(tmp_path / "long.safetensors", config=config))
     workspace = Workspace(ckpt)
     pruner = Pruner(workspace, runnable_model(ckpt))
     (name,) = [m.name for m in workspace.matrices if tuple(m.shape) == (4096, 32)]
     U, S, Vt = numpy_svd(workspace.weight(name))
-    for k, form in ((31, "residual"), (20, "residual"), (16, "factorised"), (8, "factorised"), (31, "residual")):
+    for k, form, width in ((31, "off", 1), (20, "off", 12), (16, "off", 16), (12, "onto", 12), (8, "onto", 8),
+                           (7, "factors", 7), (4, "factors", 4), (31, "off", 1)):
         pruner.apply(only(name, Cut(kept_rank=k)))
         state = pruner._working[name]
-        assert state.buffer is None and state.low_rank is not None
-        assert ("residual" if state.base is not None else "factorised") == form, k
-        assert state.low_rank[0].shape[1] == (32 - k if form == "residual" else k)
+        assert state.buffer is None and state.implicit is not None
+        if form == "factors":
+            assert isinstance(state.implicit, LowRankWeight) and state.implicit.rank == width
+            assert state.held is not None
+        else:
+            assert isinstance(state.implicit, ProjectedWeight) and state.held is None, k
+            assert state.implicit.keep == (form == "onto") and state.implicit.q.shape[1] == width, k
+            assert state.implicit.side == "right"  # 4096 × 32: Q holds the right singular vectors
         exact = (U[:, :k] * S[:k]) @ Vt[:k]
         assert np.abs(pruner.matrix(name).double().numpy() - exact).max() < 1e-5 * np.abs(exact).max()
 
 
 def test_held_components_go_when_a_cut_turns_dense_or_back_to_the_original(session, monkeypatch):
-    """FC (128 × 32) through factorised, residual (the size floor lowered to it and the share to 2 components, so
-    ranks 26-29 are dense), dense (a precision, a seed, a rank too high for either form) and identity cuts: held
-    components exist only under the factorised and residual forms, the identity drops them with the factors viewing
-    them while a dense buffer stays (rank 27 -> none -> 29 resumes from it), and after every move the weights and
-    the model's outputs equal a fresh pruner's."""
+    """FC (128 × 32) through factorised (rank ≤ 25), projected (the size floor lowered to it), dense (a precision, a
+    seed, and truncations with the floor back) and identity cuts: components are held only under the factorised
+    form, an implicit weight exists only under the factorised and projected ones, the identity drops both while a
+    dense buffer stays (rank 27 -> none -> 29 resumes from it), and after every move the weights and the model's
+    outputs equal a fresh pruner's."""
     import spectral.lowrank
 
-    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(spectral.lowrank, "RESIDUAL_SHARE", 0.1)
+    floor = spectral.lowrank.PROJECTED_MIN_ELEMENTS
     workspace, runnable, pruner = session
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6))
     identity = Plan(Strategy("none"), "all", {})
-    steps = [(Cut(kept_rank=4), True), (Cut(kept_rank=4, precision="fp16"), False), (Cut(kept_rank=31), True),
-             (Cut(random_seed=3), False), (Cut(kept_rank=4), True), (None, False), (Cut(kept_rank=27), False),
-             (None, False), (Cut(kept_rank=29), False), (Cut(kept_rank=31), True), (None, False)]
-    for cut, holds in steps:
+    steps = [(Cut(kept_rank=4), "factors", 0), (Cut(kept_rank=4, precision="fp16"), "dense", 0),
+             (Cut(kept_rank=31), "projected", 0), (Cut(random_seed=3), "dense", 0), (Cut(kept_rank=4), "factors", 0),
+             (None, "original", 0), (Cut(kept_rank=27), "dense", floor), (None, "original", floor),
+             (Cut(kept_rank=29), "dense", floor), (Cut(kept_rank=31), "projected", 0), (None, "original", 0)]
+    for cut, form, size_floor in steps:
+        monkeypatch.setattr(spectral.lowrank, "PROJECTED_MIN_ELEMENTS", size_floor)
         plan = identity if cut is None else only(FC, cut)
         pruner.apply(plan)
         state = pruner._working[FC]
-        assert (state.held is not None) == holds == (state.low_rank is not None), cut
+        assert (state.held is not None) == (form == "factors"), cut
+        assert state.implicit is None if form in ("dense", "original") else isinstance(
+            state.implicit, LowRankWeight if form == "factors" else ProjectedWeight), cut
         assert state.active == (cut is not None)
         if cut is None:
-            assert pruner.overrides() == {} and state.base is None
-        if cut == Cut(kept_rank=31):
-            assert state.base is not None  # the residual form
+            assert pruner.overrides() == {}
         if cut == Cut(kept_rank=29):
             assert state.increments == 1  # built from the rank-27 buffer kept while inactive
         fresh = Pruner(workspace, runnable)
