@@ -272,7 +272,7 @@ class _Reference:
     rows: torch.Tensor  # which sequences of the batch (indices)
     input_ids: torch.Tensor
     targets: torch.Tensor | None
-    stage_inputs: list  # input of every stage on the untouched model
+    stage_inputs: list  # input of each stage on the untouched model (None where not kept: STAGE_INPUT_STRIDE)
     logits: torch.Tensor | None  # (P, V) float32 (encoders: (B, C) embeddings); None: recomputed when needed
     lse: torch.Tensor | None  # (P,) log-sum-exp of the logits
     argmax: torch.Tensor | None  # (P,)
@@ -358,9 +358,12 @@ ESTIMATE_SEQUENCES = 8  # sequences in the estimate subset (spread evenly over t
 ESTIMATE_TOKENS = 32  # their first tokens: the subset's logits equal the full batch's at those positions (causal)
 CHUNK_POSITIONS = 512  # positions per evaluation chunk: a rerun request can interrupt between chunks
 KEEP_REFERENCE_BYTES = 256 * 2**20  # reference logits kept up to this size; beyond it they are recomputed
-HEAD_POSITIONS = 128  # a staged causal LM's head runs on this many positions at a time: the logits of a chunk (cut
-# and untouched, each positions × vocabulary floats) never exist whole. SmolLM2's shape (vocabulary 49,152; chunks of
-# 512 positions): 200 MiB less at the peak of a what-if move, at no cost in time (bench/bench_whatif.py, 2026-12-01)
+HEAD_POSITIONS = 128  # a staged causal LM's head runs on this many positions (whole sequences, at least one) at a
+# time: the logits of a chunk (cut and untouched, each positions × vocabulary floats) never exist whole. SmolLM2's
+# shape (vocabulary 49,152; chunks of 512 positions): 200 MiB less at the peak of a what-if move, at no cost in time
+# (bench/bench_whatif.py, 2026-12-01)
+STAGE_INPUT_STRIDE = 2  # the untouched model's input to every 2nd stage is kept (and the head's): a cut re-runs at
+# most one untouched stage more, for half the activations (SmolLM2's shape, 2,048 positions: 73 MiB less)
 ESTIMATE_WORTH_SECONDS = 0.5  # a full batch slower than this gets an estimate first
 
 
@@ -457,11 +460,20 @@ class Evaluator:
     @torch.inference_mode()
     def _run_stages(self, overrides: Mapping[str, torch.Tensor], start: int, x, keep: list | None = None,
                     stop: int | None = None):
-        for stage in self.runnable.stages[start:stop]:
+        """Stages start..stop on x; with `keep`, each stage's input is appended (None where STAGE_INPUT_STRIDE
+        skips it, except the last stage's: the head's input recomputes the untouched logits)."""
+        last = len(self.runnable.stages) - 1
+        for i, stage in enumerate(self.runnable.stages[start:stop], start):
             if keep is not None:
-                keep.append(x)
+                keep.append(x if i % STAGE_INPUT_STRIDE == 0 or i == last else None)
             x = stage.run(overrides, x)
         return x
+
+    def _resume(self, part: _Reference, overrides: Mapping[str, torch.Tensor], start: int, stop: int | None = None):
+        """The cut model from stage `start` on: from the nearest kept input at or before it (the stages between read
+        nothing the cut changes, so they run as the untouched model did)."""
+        begin = max(i for i in range(start + 1) if part.stage_inputs[i] is not None)
+        return self._run_stages(overrides, begin, part.stage_inputs[begin], stop=stop)
 
     def _on_device(self, overrides: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The cut matrices where the model is (the pruner makes them on the CPU); the CPU passes them through."""
@@ -493,13 +505,15 @@ class Evaluator:
 
     def _head_slices(self, overrides: Mapping[str, torch.Tensor], states: torch.Tensor):
         """(a, b, logits of positions a..b) of a staged causal LM's head over its input states (B, T, C), run on
-        HEAD_POSITIONS positions at a time (the head is position-wise: models/contract.py `Stage`)."""
+        whole sequences, as many as HEAD_POSITIONS positions hold (at least one): the head is position-wise
+        (models/contract.py `Stage`), but a Hugging Face head may embed placeholder ids of its input's shape."""
         head = self.runnable.stages[-1]
-        flat = states.reshape(-1, states.shape[-1])
-        for a in range(0, flat.shape[0], HEAD_POSITIONS):
-            b = min(a + HEAD_POSITIONS, flat.shape[0])
-            out = head.run(overrides, flat[None, a:b])
-            yield a, b, out.reshape(b - a, out.shape[-1]).float()
+        rows, length = states.shape[0], states.shape[1]
+        step = max(1, HEAD_POSITIONS // max(length, 1))
+        for r in range(0, rows, step):
+            out = head.run(overrides, states[r:r + step])
+            n = out.shape[0] * length
+            yield r * length, r * length + n, out.reshape(n, out.shape[-1]).float()
 
     def _reference_logits(self, part: _Reference) -> torch.Tensor:
         """The untouched logits of a part: kept, or recomputed by the last stage from its cached input."""
@@ -537,7 +551,7 @@ class Evaluator:
         if self.runnable.stages:
             if start >= len(self.runnable.stages):
                 return self._reference_logits(part)
-            out = self._run_stages(overrides, start, part.stage_inputs[start])
+            out = self._resume(part, overrides, start)
         elif start == 0:
             out = self.runnable.forward(part.input_ids, overrides)
         else:
@@ -557,10 +571,9 @@ class Evaluator:
         """Position metrics of the cut model on one part. A staged causal LM whose head runs again is run through its
         body, then its head and the untouched one slice by slice (`_head_slices`), metrics as they come."""
         stages = self.runnable.stages
-        if not stages or start >= len(stages):
+        if self.kind != "causal_lm" or not stages or start >= len(stages):
             return self._position_metrics(part, self._outputs(part, overrides, start))
-        states = part.stage_inputs[-1] if start == len(stages) - 1 else self._run_stages(
-            overrides, start, part.stage_inputs[start], stop=-1)
+        states = part.stage_inputs[-1] if start == len(stages) - 1 else self._resume(part, overrides, start, stop=-1)
         targets = part.targets.reshape(-1) if part.targets is not None else None
         untouched = None if part.logits is not None else self._head_slices({}, part.stage_inputs[-1])
         found = []

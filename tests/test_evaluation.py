@@ -335,18 +335,21 @@ def test_a_model_with_a_tokenizer_but_no_text_reads_cpythons_topics_instead_of_s
 
 @pytest.mark.parametrize("keep_bytes", [0, 1 << 30])  # the untouched logits recomputed per slice, or kept
 def test_the_head_run_in_slices_gives_the_metrics_of_whole_forward_passes(gpt_session, monkeypatch, keep_bytes):
-    """A staged causal LM's head runs on HEAD_POSITIONS positions at a time (7 here: slices across sequence ends):
-    for a cut from the first stage, in a late block and in the head alone, agreement, KL and perplexity equal those
+    """A staged causal LM's head runs on whole sequences, HEAD_POSITIONS positions at a time (45 here: two sequences
+    of 20, and a part's last one alone), and the untouched input of every 2nd stage is kept (blocks.0's is not: a cut
+    there resumes from the embedding's):
+    for a cut from the first stage, in either block and in the head alone, agreement, KL and perplexity equal those
     of whole forward passes of both models computed in float64 here."""
     import spectral.evaluation
 
-    monkeypatch.setattr(spectral.evaluation, "HEAD_POSITIONS", 7)
+    monkeypatch.setattr(spectral.evaluation, "HEAD_POSITIONS", 45)
     _, runnable = gpt_session
     ids = torch.randint(0, 64, (6, 21), generator=torch.Generator().manual_seed(4))
     batch = EvalBatch(ids[:, :-1], ids[:, 1:], "test")
-    evaluator = Evaluator(runnable, batch, chunk_positions=40, keep_bytes=keep_bytes)
+    evaluator = Evaluator(runnable, batch, chunk_positions=100, keep_bytes=keep_bytes)  # parts of 5 and 1 sequences
     g = torch.Generator().manual_seed(5)
     for overrides, start in (({"tok_emb.weight": torch.randn(64, 32, generator=g)}, 0),
+                             ({"blocks.0.mlp.c_fc.weight": torch.randn(128, 32, generator=g)}, 1),
                              ({"blocks.1.mlp.c_fc.weight": torch.randn(128, 32, generator=g)}, 2),
                              ({"ln_f.weight": torch.rand(32, generator=g) + 0.5}, 3)):
         def oracle(rows: slice, length: int, overrides=overrides):
