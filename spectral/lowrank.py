@@ -87,8 +87,8 @@ class ImplicitWeight(torch.Tensor):
             if func in _MATMULS and len(args) == 2 and isinstance(args[1], ImplicitWeight) \
                     and not isinstance(args[0], ImplicitWeight):
                 return args[1].matmul(args[0])
-            if func in (torch.addmm, torch.Tensor.addmm) and len(args) >= 3 and isinstance(args[2], ImplicitWeight) \
-                    and not isinstance(args[1], ImplicitWeight) and len(args) == 3 and not kwargs:
+            if func in (torch.addmm, torch.Tensor.addmm) and len(args) == 3 and not kwargs \
+                    and isinstance(args[2], ImplicitWeight) and not isinstance(args[1], ImplicitWeight):
                 return args[2].matmul(args[1]).add_(_plain(args[0]))
             return func(*[_plain(a) for a in args], **{k: _plain(v) for k, v in kwargs.items()})
 

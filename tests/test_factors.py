@@ -7,7 +7,7 @@ import torch
 
 import spectral.factors
 from spectral.cache import DiskCache, default_cache
-from spectral.factors import TRIM_RATIO, HeldComponents, truncation_factors
+from spectral.factors import TRIM_RATIO, Factors, HeldComponents, truncation_factors
 
 
 def exact_truncation(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -29,6 +29,13 @@ def test_components_from_the_short_side_equal_the_svd_truncation(shape):
         assert float((a.double() @ b.double() - exact).norm() / exact.norm()) < 1e-5
 
 
+def random_held(shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, Factors, HeldComponents]:
+    """A Gaussian matrix, its factors, and components held over them (nothing held yet)."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    f = truncation_factors(w)
+    return w, f, HeldComponents(f, w)
+
+
 def counting(held: HeldComponents) -> list[int]:
     """The widths of the products `held` computes from here on (appended as they happen)."""
     computed = []
@@ -41,10 +48,7 @@ def counting(held: HeldComponents) -> list[int]:
 def test_held_components_equal_fresh_ones_and_compute_only_what_is_new(shape):
     """A run of slider-like ranges: every answer equals `Factors.components` (one fresh product), only components
     not held before are multiplied out, and the range held stays within the limit (or the range asked for)."""
-    g = torch.Generator().manual_seed(2)
-    w = torch.randn(*shape, generator=g)
-    f = truncation_factors(w)
-    held = HeldComponents(f, w)
+    w, f, held = random_held(shape, seed=2)
     computed = counting(held)
     limit = 30
     steps = [((0, 20), 20), ((0, 25), 5), ((0, 12), 0), ((0, 30), 5), ((5, 30), 0),  # grow, shrink: views
@@ -82,10 +86,7 @@ def test_a_much_smaller_request_trims_what_is_held_without_recomputing(shape, mo
     by copying them (nothing computed), equal to a fresh product; views handed out before keep their values. Under
     the floor (12 components, 96 kB) or within TRIM_RATIO of the request (40 for 11) nothing is trimmed."""
     monkeypatch.setattr(spectral.factors, "TRIM_BYTES", 100_000)
-    g = torch.Generator().manual_seed(4)
-    w = torch.randn(*shape, generator=g)
-    f = truncation_factors(w)
-    held = HeldComponents(f, w)
+    w, f, held = random_held(shape, seed=4)
     computed = counting(held)
     limit = 40
     component = max(shape) * 4
@@ -130,10 +131,7 @@ def test_small_moves_around_a_held_cut_are_views_even_above_the_trim_floor(shape
     component computed (the 31st) and one reallocation (to hold it), every other move a view of the same tensor,
     and every answer a fresh product's."""
     monkeypatch.setattr(spectral.factors, "TRIM_BYTES", 0)
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(*shape, generator=g)
-    f = truncation_factors(w)
-    held = HeldComponents(f, w)
+    w, f, held = random_held(shape, seed=5)
     held.components(0, 30, 40)
     computed = counting(held)
     tensors = set()
