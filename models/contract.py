@@ -6,7 +6,8 @@ from this module, and `spectral/` consumes them; keeping the contract here is wh
 - `Runnable`: a torch module in eval mode, float32, never modified after construction; `param_names` maps every
   checkpoint tensor that feeds it to the module parameters it becomes (tied names map to one parameter), so a cut
   matrix is swapped in without touching the module; `stages` cut the forward pass into consecutive pieces, each
-  naming the parameters it reads, so a cut in block 3 re-runs blocks 3..n only.
+  naming the parameters it reads, so a cut in block 3 re-runs blocks 3..n only (from block 2 when the evaluator
+  keeps only every second block's input: spectral/evaluation.py `STAGE_INPUT_STRIDE`).
 - `NotRunnable`: the checkpoint can be analysed but not run; `needs` lists hyperparameters (`Need`) that would make
   it runnable if the user gave them.
 - The swap lock: `torch.func.functional_call` swaps tensors into a module for the duration of a call, so every

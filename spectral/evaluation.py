@@ -266,8 +266,9 @@ def to_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class _Reference:
-    """The untouched model on one part of the batch: every stage's input, and its outputs (kept, or recomputed from
-    the last stage's input when keeping them would cost more memory than `Evaluator.keep_bytes` allows)."""
+    """The untouched model on one part of the batch: stage inputs (every STAGE_INPUT_STRIDE-th, and the head's), and
+    its outputs (kept, or recomputed from the head's input when keeping them would cost more memory than
+    `Evaluator.keep_bytes` allows)."""
 
     rows: torch.Tensor  # which sequences of the batch (indices)
     input_ids: torch.Tensor
@@ -571,7 +572,10 @@ class Evaluator:
         """Position metrics of the cut model on one part. A staged causal LM whose head runs again is run through its
         body, then its head and the untouched one slice by slice (`_head_slices`), metrics as they come."""
         stages = self.runnable.stages
-        if self.kind != "causal_lm" or not stages or start >= len(stages):
+        if self.kind == "causal_lm" and stages and start >= len(stages):  # no stage reads a changed parameter:
+            n = part.lse.numel()  # the untouched model's outputs, exactly
+            return PositionMetrics(torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.bool), part.nll)
+        if self.kind != "causal_lm" or not stages:
             return self._position_metrics(part, self._outputs(part, overrides, start))
         states = part.stage_inputs[-1] if start == len(stages) - 1 else self._resume(part, overrides, start, stop=-1)
         targets = part.targets.reshape(-1) if part.targets is not None else None

@@ -22,7 +22,7 @@ from spectral.spectra import GRAM_SAFE_RATIO, gram_eigh
 # A held range over TRIM_RATIO times the one asked for, and over TRIM_BYTES, shrinks to it (the overlap is copied,
 # nothing is recomputed). The ratio keeps slider moves (a few components either way) views, and a trim frees at
 # least 3/4 of what was held; the floor leaves matrices whose largest held range is small alone (GPT-2's
-# 768 × 3072 MLP matrices hold at most 614 components, 7.2 MiB), so only vocabulary-sized ones trim: GPT-2's
+# 768 × 3072 MLP matrices hold at most 307 components, 3.6 MiB), so only vocabulary-sized ones trim: GPT-2's
 # 50257 × 768 embedding (196 KiB a component) from 42 components held, e.g. 180 (34.5 MiB) down to 5 (1 MiB).
 TRIM_RATIO = 4
 TRIM_BYTES = 8 << 20
@@ -60,10 +60,10 @@ class HeldComponents:
     """One matrix's components along its factors' vectors, held for one index range between calls: rows lo:hi of
     QᵀW (wide W, Q its left vectors) or columns lo:hi of W·Q (tall W, Q its right vectors).
 
-    A slider move shifts a kept rank by a few components, and a factorised cut (W_k = its first k components) or a
-    residual one (W minus components k..M) then costs a view, or only the components not yet held, instead of the
-    whole product (GPT-2's tied 50257 × 768 embedding: 0.2 s a move). The range held never exceeds `limit`
-    components, the most the caller's cut form may use, so it costs no more memory than the largest such cut; and
+    A slider move shifts a kept rank by a few components, and a factorised cut (W_k = its first k components) then
+    costs a view, or only the components not yet held, instead of the whole product (GPT-2's tied 50257 × 768
+    embedding: 0.2 s a move). The range held never exceeds `limit` components, the most the caller's cut form may
+    use, so it costs no more memory than the largest such cut; and
     a much smaller cut after a large one trims it (`TRIM_RATIO`, `TRIM_BYTES`), so memory follows the current cut."""
 
     def __init__(self, factors: Factors, matrix: torch.Tensor):

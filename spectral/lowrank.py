@@ -5,9 +5,9 @@ some of its singular directions, P·W or W·P with P = QQᵀ or I − QQᵀ.
 instead of m·n, so a heavily cut model evaluates faster than the untouched one. `ProjectedWeight(base, q, side,
 keep)` is the truncation W_k = U_kU_kᵀ·W = W·V_kV_kᵀ (Eckart-Young: the projection of W onto its top-k singular
 vectors is its best rank-k approximation) over `base`, the model's own untouched weight, and q, columns of the
-short side's singular vectors the pruner keeps anyway (spectral/factors.py): it holds no new memory at all and
-costs m·n + 2·M·j per row (M the short side, j the columns of q; the pruner projects onto the kept components or off
-the removed ones, whichever are fewer). Through `__torch_function__` the operations models use on weights are
+short side's singular vectors the pruner keeps anyway (spectral/factors.py): on the CPU it holds no new memory at
+all, and it costs m·n + 2·M·j per row (M the short side, j the columns of q; the pruner projects onto the kept
+components or off the removed ones, whichever are fewer). Through `__torch_function__` the operations models use on weights are
 rewritten:
 - `F.linear(x, W, b)` = x·Wᵀ + b;
 - `F.embedding(ids, W)` = W[ids];
@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FACTORISED_SHARE = 0.5  # see `cheaper_factorised`
-PROJECTED_MIN_ELEMENTS = 1 << 18  # smaller matrices stay dense: their buffers are cheap, and the demo's moves were
-# 16% slower with its matrices held over the model's weight (0.109 s against 0.094 s a move; bench/bench_whatif.py)
-
+FACTORISED_SHARE = 0.5  # see `cheaper_factorised`: factors where at least twice as cheap as the dense matrix; between,
+# the projection, which holds nothing (bench/bench_whatif.py, 2026-12-01: at 1.0, SmolLM2's shape held 373 MiB of
+# components across moves and peaked at 4.34x the file; at 0.5, 2.72x, and moves were no slower)
 # queries answered without the dense product (the wrapper holds a zero-stride placeholder of the right shape)
 _METADATA = {"shape", "size", "dim", "ndim", "dtype", "device", "numel", "is_floating_point", "is_complex", "layout",
              "requires_grad", "is_sparse", "is_quantized", "is_meta", "is_cuda", "__len__", "element_size",
@@ -181,8 +180,9 @@ class ProjectedWeight(ImplicitWeight):
     def rows(self, ids, args, kwargs):
         if self.side == "right":  # (W·P)[ids] = W[ids]·P
             return self.project(F.embedding(ids, self.base, *args, **kwargs))
-        # (P·W)[ids] = P[ids]·W with P[ids] = q[ids]·qᵀ (or the identity's rows minus it)
-        part = (F.embedding(ids, self.q) @ self.q.T) @ self.base
+        # (P·W)[ids] = P[ids]·W with P[ids] = q[ids]·qᵀ (or the identity's rows minus it): j·n per row after the
+        # j·m·n of qᵀ·W, instead of m·n per row
+        part = F.embedding(ids, self.q) @ (self.q.T @ self.base)
         return part if self.keep else F.embedding(ids, self.base, *args, **kwargs) - part
 
     def matmul(self, x):
@@ -215,9 +215,3 @@ def most_factorised(shape: tuple[int, int]) -> int:
         k -= 1
     return k
 
-
-def projected(shape: tuple[int, int]) -> bool:
-    """Truncations of this matrix are held as a `ProjectedWeight` over the model's weight (no new m × n buffer):
-    matrices of more than PROJECTED_MIN_ELEMENTS entries."""
-    m, n = shape
-    return m * n > PROJECTED_MIN_ELEMENTS

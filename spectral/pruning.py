@@ -22,14 +22,15 @@ it has gets the same cut values.
 Applying a plan (`Pruner.apply`) rebuilds only the matrices whose cut changed since the previous plan, from the
 truncation factors (singular values and the short side's singular vectors, spectral/factors.py) that
 `Workspace.truncation` computes lazily (only for matrices a plan truncates), into buffers owned by the
-pruner: cached originals are never written. A truncation to rank k whose factors cost less than the dense matrix
-(k·(m+n) < m·n) is not rebuilt at all: the pruner keeps its factors and hands the model a `LowRankWeight`, which
-runs as two thin matmuls, so a heavily cut model evaluates faster than the untouched one (spectral/lowrank.py).
-Any other truncation (or band cut) of a matrix over `PROJECTED_MIN_ELEMENTS` entries is a `ProjectedWeight`: the
-model's own untouched weight projected onto its kept singular directions or off its removed ones (whichever are
-fewer), read through columns of the factors' Q. It holds nothing beyond what the workspace and the model hold
-already, and a slider move only re-slices Q.
-Otherwise a truncation W_k = Σ_{i≤k} s_i u_i v_iᵀ is built densely the cheapest of three exact ways: from the head
+pruner: cached originals are never written. A truncation to rank k whose factors cost at most half the dense matrix
+(k·(m+n) < m·n/2, `FACTORISED_SHARE`) is not rebuilt at all: the pruner keeps its factors and hands the model a
+`LowRankWeight`, which runs as two thin matmuls, so a heavily cut model evaluates faster than the untouched one
+(spectral/lowrank.py). Any other truncation (or band cut) of a plain matrix is a `ProjectedWeight`: the model's own
+untouched weight projected onto its kept singular directions or off its removed ones (whichever are fewer), read
+through columns of the factors' Q. It holds nothing beyond what the workspace and the model hold already, and a
+slider move only re-slices Q. Cuts the model cannot read implicitly (a precision, noise, zeros, or a matrix stored
+with more than two dimensions, such as a convolution kernel) are dense buffers; a truncation there is built the
+cheapest of three exact ways: from the head
 (cost ∝ k), as W minus the tail (∝ r − k), or from the previous W_k' by adding or subtracting the components between
 k and k' (∝ |k − k'|, what a slider move needs); the incremental route is re-based by a full rebuild every
 `MAX_INCREMENTS` moves so float error cannot accumulate.
@@ -50,14 +51,7 @@ from safetensors.torch import save, save_file
 from models.registry import gpt_metadata
 from spectral.analysis import Settings, factorised_params
 from spectral.factors import HeldComponents
-from spectral.lowrank import (
-    ImplicitWeight,
-    LowRankWeight,
-    ProjectedWeight,
-    cheaper_factorised,
-    most_factorised,
-    projected,
-)
+from spectral.lowrank import ImplicitWeight, LowRankWeight, ProjectedWeight, cheaper_factorised, most_factorised
 from spectral.matrices import to_analysed, to_stored
 from spectral.metrics import energy_rank
 
@@ -363,7 +357,8 @@ class PruneResult:
 @dataclass
 class _Working:
     """The pruner's copy of one cut matrix (analysed layout, float32): a dense buffer, or, for a truncation, an
-    implicit weight (spectral/lowrank.py): its factors, or the model's weight projected off its removed components."""
+    implicit weight (spectral/lowrank.py): its factors, or the model's weight projected onto its kept components or
+    off its removed ones."""
 
     buffer: torch.Tensor | None = None  # allocated on the first dense cut
     implicit: ImplicitWeight | None = None  # while the cut is a truncation held without a dense buffer
@@ -483,7 +478,7 @@ class Pruner:
             state.cut, state.active = cut, True
             state.relative_error = relative_error_from_spectrum(f.S, slice(k, None))
             return
-        if plain and removed is not None and projected(shape):
+        if plain and removed is not None:
             f = self.workspace.truncation(info.name)
             lo, hi = removed
             keep = hi == min(shape) and lo < hi - lo  # onto the kept head when it is the smaller set
@@ -553,7 +548,7 @@ class Pruner:
 
     @staticmethod
     def _drop_buffer(state: _Working) -> None:
-        """A factorised cut needs no dense buffer: free it (the memory bound of what-ifs counts it)."""
+        """An implicit cut needs no dense buffer: free it (the memory bound of what-ifs counts it)."""
         state.buffer, state.exact_rank, state.increments = None, None, 0
 
     def _module_overrides(self) -> dict[str, torch.Tensor]:

@@ -248,9 +248,9 @@ class WhatIfSession:
                 self._metrics.popitem(last=False)
         else:
             self._metrics.move_to_end(key)
-        release_freed_memory()  # what the rebuild and the evaluation freed (spectral/heap.py)
         t2 = time.perf_counter()
         timings.update(evaluate=t2 - t1, total=plan_seconds + t2 - t0)
+        release_freed_memory()  # what the rebuild and the evaluation freed (spectral/heap.py)
         return WhatIfResult(plan, prune, metrics, self.evaluator.batch, self.kind, timings, label, estimate)
 
     def prepare(self, plan: Plan, progress: Progress | None = None) -> None:
@@ -334,7 +334,8 @@ def sensitivity_scan(workspace, evaluator: Evaluator, plan: Plan, *, by: str = "
 
     Rows: unit (matrix name or role), role, layer (first integer in the name, None otherwise), matrices, rank,
     kept_rank, relative_error, params_before, params_after, kl, agreement, cosine. Matrices the plan leaves uncut get
-    kl 0 without a forward pass. A cut in block L re-runs blocks L.. only (cached activations)."""
+    kl 0 without a forward pass. A cut in block L re-runs blocks L.. only (cached activations; from L − 1 where the
+    evaluator keeps no input for block L)."""
     if by not in ("matrix", "role"):
         raise ValueError(f"by must be 'matrix' or 'role', got {by!r}")
     units: dict[str, list] = {}

@@ -367,13 +367,15 @@ class Workspace:
         """Compute the truncation factors of `names` (default every matrix), in that order, until `should_stop`."""
         todo = [self.info(n).name for n in (names if names is not None else [m.name for m in self.matrices])]
         todo = [n for n in dict.fromkeys(todo) if n not in self._skipped]
-        for i, name in enumerate(todo):
-            if should_stop is not None and should_stop():
-                return
-            if progress:
-                progress(i, len(todo), name)
-            self.truncation(name)
-        release_freed_memory()
+        try:
+            for i, name in enumerate(todo):
+                if should_stop is not None and should_stop():
+                    return
+                if progress:
+                    progress(i, len(todo), name)
+                self.truncation(name)
+        finally:
+            release_freed_memory()  # the Gram matrices and slices just freed (spectral/heap.py)
         if progress and todo:
             progress(len(todo), len(todo), "")
 

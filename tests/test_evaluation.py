@@ -1,5 +1,6 @@
 """spectral/evaluation.py and spectral/whatif.py: the fixed batch, reference outputs, agreement / KL / perplexity,
 the what-if session and the sensitivity scan."""
+import dataclasses
 import math
 from pathlib import Path
 
@@ -336,36 +337,54 @@ def test_a_model_with_a_tokenizer_but_no_text_reads_cpythons_topics_instead_of_s
 @pytest.mark.parametrize("keep_bytes", [0, 1 << 30])  # the untouched logits recomputed per slice, or kept
 def test_the_head_run_in_slices_gives_the_metrics_of_whole_forward_passes(gpt_session, monkeypatch, keep_bytes):
     """A staged causal LM's head runs on whole sequences, HEAD_POSITIONS positions at a time (45 here: two sequences
-    of 20, and a part's last one alone), and the untouched input of every 2nd stage is kept (blocks.0's is not: a cut
-    there resumes from the embedding's):
-    for a cut from the first stage, in either block and in the head alone, agreement, KL and perplexity equal those
-    of whole forward passes of both models computed in float64 here."""
+    of 20 per call, parts of 5 sequences), and the untouched input of every 2nd stage is kept (blocks.0's is not: a
+    cut there resumes from the embedding's). For a cut from the first stage, in either block, in the head alone and
+    nowhere, agreement, KL and perplexity equal those of whole forward passes of both models computed in float64
+    here, on the full batch and on the estimate's subset (8 of the 10 sequences)."""
     import spectral.evaluation
 
     monkeypatch.setattr(spectral.evaluation, "HEAD_POSITIONS", 45)
     _, runnable = gpt_session
-    ids = torch.randint(0, 64, (6, 21), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 64, (10, 21), generator=torch.Generator().manual_seed(4))
     batch = EvalBatch(ids[:, :-1], ids[:, 1:], "test")
-    evaluator = Evaluator(runnable, batch, chunk_positions=100, keep_bytes=keep_bytes)  # parts of 5 and 1 sequences
+    evaluator = Evaluator(runnable, batch, chunk_positions=100, keep_bytes=keep_bytes)
+    stages = runnable.stages
+    assert len(stages) == 4 and len(evaluator.parts) == 2
+    assert all(p.stage_inputs[1] is None and p.stage_inputs[2] is not None for p in evaluator.parts)
+    head_calls = []
+    run = stages[-1].run
+    counted = dataclasses.replace(stages[3], run=lambda o, x: head_calls.append(x.shape[0]) or run(o, x))
+    monkeypatch.setattr(runnable, "stages", [*stages[:3], counted])
+    subset = [0, 1, 3, 4, 5, 6, 8, 9]  # round(i · 9 / 7), i < 8: spread over the batch
+
+    def oracle(overrides, rows, length: int):
+        x, y = batch.input_ids[rows, :length], batch.targets[rows, :length].reshape(-1).numpy()
+        p = torch.log_softmax(runnable.forward(x).double(), -1).reshape(-1, 64).numpy()
+        q = torch.log_softmax(runnable.forward(x, overrides).double(), -1).reshape(-1, 64).numpy()
+
+        def perplexity(lp):
+            return math.exp(float(-np.mean(lp[np.arange(len(y)), y])))
+
+        kl = float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
+        return float(np.mean(p.argmax(1) == q.argmax(1))), kl, perplexity(p), perplexity(q)
+
     g = torch.Generator().manual_seed(5)
     for overrides, start in (({"tok_emb.weight": torch.randn(64, 32, generator=g)}, 0),
                              ({"blocks.0.mlp.c_fc.weight": torch.randn(128, 32, generator=g)}, 1),
                              ({"blocks.1.mlp.c_fc.weight": torch.randn(128, 32, generator=g)}, 2),
-                             ({"ln_f.weight": torch.rand(32, generator=g) + 0.5}, 3)):
-        def oracle(rows: slice, length: int, overrides=overrides):
-            x, y = batch.input_ids[rows, :length], batch.targets[rows, :length].reshape(-1).numpy()
-            p = torch.log_softmax(runnable.forward(x).double(), -1).reshape(-1, 64).numpy()
-            q = torch.log_softmax(runnable.forward(x, overrides).double(), -1).reshape(-1, 64).numpy()
-            kl = float(np.mean(np.sum(np.exp(p) * (p - q), axis=1)))
-            agreement = float(np.mean(p.argmax(1) == q.argmax(1)))
-            def nll(lp):
-                return math.exp(float(-np.mean(lp[np.arange(len(y)), y])))
-
-            return agreement, kl, nll(p), nll(q)
-
-        got = evaluator.evaluate(overrides)
-        assert got.start_stage == start
-        agreement, kl, before, after = oracle(slice(None), 20)
-        assert got.agreement == agreement and got.kl == pytest.approx(kl, rel=1e-5)
-        assert got.perplexity_before == pytest.approx(before, rel=1e-5)
-        assert got.perplexity_after == pytest.approx(after, rel=1e-5)
+                             ({"ln_f.weight": torch.rand(32, generator=g) + 0.5}, 3),
+                             ({}, 4)):
+        head_calls.clear()
+        full, estimate = evaluator.evaluate(overrides), evaluator.estimate(overrides)
+        # sequences per head call: each part of 5 in slices of 2, 2, 1 and the subset of 8 in 2s, the untouched
+        # model's too where its logits are not kept; none when no stage reads a changed parameter
+        twice = 1 if keep_bytes else 2
+        expected = [] if start == 4 else sorted([2, 2, 1] * 2 * twice + [2, 2, 2, 2] * twice)
+        assert sorted(head_calls) == expected
+        for got, rows in ((full, list(range(10))), (estimate, subset)):
+            assert got.start_stage == start and got.positions == len(rows) * 20
+            agreement, kl, before, after = oracle(overrides, rows, 20)
+            assert got.agreement == pytest.approx(agreement, abs=1e-12)
+            assert got.kl == pytest.approx(kl, rel=1e-5, abs=1e-12)
+            assert got.perplexity_before == pytest.approx(before, rel=1e-5)
+            assert got.perplexity_after == pytest.approx(after, rel=1e-5)

@@ -13,7 +13,6 @@ from spectral.lowrank import (
     ProjectedWeight,
     cheaper_factorised,
     most_factorised,
-    projected,
 )
 from spectral.whatif import Choice, WhatIfSession
 from tests.tiny_models import save_tiny_gpt
@@ -92,8 +91,8 @@ def test_modules_read_it_through_functional_call(factors):
 
 
 def test_factors_are_used_only_where_they_are_cheaper(monkeypatch):
-    """k(m + n) multiply-adds against FACTORISED_SHARE · m·n: below the dense cost at share 1, below half of it at
-    the default 0.5."""
+    """k(m + n) multiply-adds against FACTORISED_SHARE · m·n: below half the dense cost at the default 0.5, below
+    the dense cost at share 1."""
     import spectral.lowrank
 
     assert spectral.lowrank.FACTORISED_SHARE == 0.5
@@ -101,7 +100,6 @@ def test_factors_are_used_only_where_they_are_cheaper(monkeypatch):
     monkeypatch.setattr(spectral.lowrank, "FACTORISED_SHARE", 1.0)
     assert cheaper_factorised((100, 100), 49) and not cheaper_factorised((100, 100), 50)
     assert not cheaper_factorised((100, 100), 0)
-    assert projected((513, 512)) and not projected((512, 512)), "small matrices stay dense"
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5])
@@ -127,12 +125,9 @@ def test_the_most_components_the_factorised_form_holds_is_the_largest_its_rule_a
 
 
 def test_a_light_cut_is_the_model_weight_projected_off_its_tail_with_no_dense_buffer(tmp_path, monkeypatch):
-    """Rank 90% (the size floor lowered to the tiny model's matrices): each matrix is the model's own weight
-    projected off its removed components (no new m × n buffer, nothing held beside it), its dense form equals W_k
-    from a float64 SVD, and the evaluation equals the same cut applied densely."""
-    import spectral.lowrank
-
-    monkeypatch.setattr(spectral.lowrank, "PROJECTED_MIN_ELEMENTS", 0)
+    """Rank 90%: each matrix is the model's own weight projected off its removed components (no new m × n buffer,
+    nothing held beside it), its dense form equals W_k from a float64 SVD, and the evaluation equals the same cut
+    applied densely."""
     path = save_tiny_gpt(tmp_path / "tiny.safetensors")
     session = WhatIfSession.open(path, positions=256)
     result = session.run(Choice("rank", 0.9))
@@ -157,16 +152,16 @@ def test_a_light_cut_is_the_model_weight_projected_off_its_tail_with_no_dense_bu
     assert result.metrics.agreement == pytest.approx(plain.agreement, abs=1 / 256)
 
 
-def test_slider_moves_through_held_components_equal_a_fresh_cut_every_time(tmp_path, monkeypatch):
-    """Energy moves up and down, crossing between the projected and the factorised forms (the size floor lowered to
-    the tiny model's matrices): after each, every cut matrix, built from components held across moves, equals the
-    same plan applied by a fresh pruner (tests/test_factors.py checks that only new components are computed)."""
-    import spectral.lowrank
+def test_slider_moves_through_held_components_equal_a_fresh_cut_every_time(tmp_path):
+    """Energy moves up and down, crossing between the projected and the factorised forms: after each, every cut
+    matrix, built from what was held across moves, equals the same plan applied by a fresh pruner and the SVD
+    truncation (tests/test_factors.py checks that only new components are computed)."""
     from spectral.pruning import Pruner
 
-    monkeypatch.setattr(spectral.lowrank, "PROJECTED_MIN_ELEMENTS", 0)
     path = save_tiny_gpt(tmp_path / "tiny.safetensors")
     session = WhatIfSession.open(path, positions=64)
+    svd = {m.name: torch.linalg.svd(session.workspace.weight(m.name).double(), full_matrices=False)
+           for m in session.workspace.matrices}
     forms = set()
     for value in (0.999, 0.99, 0.9, 0.5, 0.2, 0.6, 0.95, 0.995, 0.3):
         result = session.run(Choice("energy", value))
@@ -176,8 +171,13 @@ def test_slider_moves_through_held_components_equal_a_fresh_cut_every_time(tmp_p
             state = session.pruner._working.get(info.name)
             if state is not None and state.active and state.implicit is not None:
                 forms.add(type(state.implicit).__name__)
-            torch.testing.assert_close(session.pruner.matrix(info.name), fresh.matrix(info.name),
-                                       rtol=1e-5, atol=1e-6)
+            got = session.pruner.matrix(info.name)
+            torch.testing.assert_close(got, fresh.matrix(info.name), rtol=1e-5, atol=1e-6)
+            k = result.plan.cut(info.name).kept_rank
+            if k is not None:
+                U, S, Vh = svd[info.name]
+                exact = (U[:, :k] * S[:k]) @ Vh[:k]
+                assert float((got.double() - exact).norm() / exact.norm()) < 1e-5, (value, info.name)
     assert forms == {"ProjectedWeight", "LowRankWeight"}
 
 
@@ -187,7 +187,7 @@ def test_a_heavily_cut_model_evaluates_through_factors_like_the_dense_cut(tmp_pa
     factorised = session.run(Choice("rank", 0.1))
     overrides = session.pruner.overrides()
     assert any(isinstance(t, LowRankWeight) for t in overrides.values())
-    dense = {name: t.dense() if isinstance(t, LowRankWeight) else t for name, t in overrides.items()}
+    dense = {name: t.dense() if isinstance(t, ImplicitWeight) else t for name, t in overrides.items()}
     plain = session.evaluator.evaluate(dense)
     assert factorised.metrics.kl == pytest.approx(plain.kl, rel=1e-4)
     assert factorised.metrics.agreement == pytest.approx(plain.agreement, abs=1 / 256)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from models.gpt import GPT, GPTConfig
 from models.registry import runnable_model
@@ -88,24 +89,60 @@ def test_truncation_error_matches_the_hand_formula(session):
         assert np.linalg.norm(w - cut) / np.linalg.norm(w) == pytest.approx(by_hand, rel=1e-4)
 
 
-def test_slider_moves_rebuild_incrementally_without_drift(session):
-    workspace, _, pruner = session
-    u, s, vt = numpy_svd(workspace.weight(FC))
+@pytest.fixture
+def conv_kernel(tmp_path):
+    """A pruner over one 64 × 8 × 2 × 2 convolution kernel (a 64 × 32 matrix): a model reads it as 4-D, so its
+    truncations are dense buffers, not implicit weights."""
+    path = tmp_path / "conv.safetensors"
+    save_file({"features.conv.weight": torch.randn(64, 8, 2, 2, generator=torch.Generator().manual_seed(7))},
+              str(path))
+    workspace = Workspace(load_checkpoint(path))
+    (info,) = workspace.matrices
+    assert tuple(info.shape) == (64, 32) and len(info.source_shape) == 4
+    return workspace, Pruner(workspace), info.name
+
+
+def test_slider_moves_rebuild_incrementally_without_drift(conv_kernel):
+    """Dense truncations move from the previous buffer by the components in between where that is the cheapest
+    exact route: after 3 × MAX_INCREMENTS random moves, chains of such increments among them, still the SVD
+    truncation to 1e-5 (no drift)."""
+    workspace, pruner, name = conv_kernel
+    u, s, vt = numpy_svd(workspace.weight(name))
     rng = np.random.default_rng(0)
+    increments = []
     for k in rng.integers(1, 32, size=3 * MAX_INCREMENTS):
-        pruner.apply(only(FC, Cut(kept_rank=int(k))))
+        pruner.apply(only(name, Cut(kept_rank=int(k))))
+        state = pruner._working[name]
+        assert state.implicit is None and state.buffer is not None
+        increments.append(state.increments)
         oracle = (u[:, :k] * s[:k]) @ vt[:k]
-        assert np.abs(pruner.matrix(FC).double().numpy() - oracle).max() < 1e-5
+        assert np.abs(pruner.matrix(name).double().numpy() - oracle).max() < 1e-5
+    assert max(increments) >= 3, "incremental moves were chained"
+
+
+def test_a_dense_buffer_kept_while_the_matrix_is_untouched_is_resumed(conv_kernel):
+    """Rank 27 -> the original -> rank 29: the buffer stays while inactive, and rank 29 is built from it (one
+    increment), equal to the SVD truncation; the implicit forms never appear for a 4-D kernel."""
+    workspace, pruner, name = conv_kernel
+    u, s, vt = numpy_svd(workspace.weight(name))
+    identity = Plan(Strategy("none"), "all", {})
+    pruner.apply(only(name, Cut(kept_rank=27)))
+    pruner.apply(identity)
+    assert not pruner._working[name].active and pruner._working[name].buffer is not None
+    pruner.apply(only(name, Cut(kept_rank=29)))
+    state = pruner._working[name]
+    assert state.increments == 1 and state.implicit is None and state.held is None
+    oracle = (u[:, :29] * s[:29]) @ vt[:29]
+    assert np.abs(pruner.matrix(name).double().numpy() - oracle).max() < 1e-5
 
 
 def test_each_truncation_of_a_long_thin_matrix_takes_the_form_its_rank_calls_for(tmp_path, monkeypatch):
-    """A 4096 × 32 embedding (the size floor lowered to it, the factorised share to 1/4): ranks k·4128 < 32768,
+    """A 4096 × 32 embedding (the factorised share lowered to 1/4): ranks k·4128 < 32768,
     k ≤ 7, run as factors; above, the model's weight is projected onto the kept head while it is the smaller set
     (k = 8, 12) and off the removed tail from there (k = 16, 20, 31). Only the factorised form holds components,
     none a dense buffer; every cut equals the SVD truncation."""
     import spectral.lowrank
 
-    monkeypatch.setattr(spectral.lowrank, "PROJECTED_MIN_ELEMENTS", 0)
     monkeypatch.setattr(spectral.lowrank, "FACTORISED_SHARE", 0.25)
     config = GPTConfig(vocab_size=4096, n_layer=1, n_embd=32, n_head=2, block_size=32)
     ckpt = load_checkpoint(save_tiny_gpt(tmp_path / "long.safetensors", config=config))
@@ -129,24 +166,19 @@ def test_each_truncation_of_a_long_thin_matrix_takes_the_form_its_rank_calls_for
         assert np.abs(pruner.matrix(name).double().numpy() - exact).max() < 1e-5 * np.abs(exact).max()
 
 
-def test_held_components_go_when_a_cut_turns_dense_or_back_to_the_original(session, monkeypatch):
-    """FC (128 × 32) through factorised (rank ≤ 25), projected (the size floor lowered to it), dense (a precision, a
-    seed, and truncations with the floor back) and identity cuts: components are held only under the factorised
-    form, an implicit weight exists only under the factorised and projected ones, the identity drops both while a
-    dense buffer stays (rank 27 -> none -> 29 resumes from it), and after every move the weights and the model's
-    outputs equal a fresh pruner's."""
-    import spectral.lowrank
-
-    floor = spectral.lowrank.PROJECTED_MIN_ELEMENTS
+def test_held_components_go_when_a_cut_turns_dense_or_back_to_the_original(session):
+    """FC (128 × 32) through factorised (rank ≤ 12: 160k < 4096/2), projected, dense (a precision, a seed) and
+    identity cuts: components are held only under the factorised form, an implicit weight exists only under the
+    factorised and projected ones, the identity drops both, and after every move the weights and the model's outputs
+    equal a fresh pruner's."""
     workspace, runnable, pruner = session
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6))
     identity = Plan(Strategy("none"), "all", {})
-    steps = [(Cut(kept_rank=4), "factors", 0), (Cut(kept_rank=4, precision="fp16"), "dense", 0),
-             (Cut(kept_rank=31), "projected", 0), (Cut(random_seed=3), "dense", 0), (Cut(kept_rank=4), "factors", 0),
-             (None, "original", 0), (Cut(kept_rank=27), "dense", floor), (None, "original", floor),
-             (Cut(kept_rank=29), "dense", floor), (Cut(kept_rank=31), "projected", 0), (None, "original", 0)]
-    for cut, form, size_floor in steps:
-        monkeypatch.setattr(spectral.lowrank, "PROJECTED_MIN_ELEMENTS", size_floor)
+    steps = [(Cut(kept_rank=4), "factors"), (Cut(kept_rank=4, precision="fp16"), "dense"),
+             (Cut(kept_rank=31), "projected"), (Cut(random_seed=3), "dense"), (Cut(kept_rank=4), "factors"),
+             (None, "original"), (Cut(kept_rank=12), "factors"), (Cut(kept_rank=13), "projected"),
+             (Cut(removed=(3, 6)), "projected"), (None, "original")]
+    for cut, form in steps:
         plan = identity if cut is None else only(FC, cut)
         pruner.apply(plan)
         state = pruner._working[FC]
@@ -156,8 +188,6 @@ def test_held_components_go_when_a_cut_turns_dense_or_back_to_the_original(sessi
         assert state.active == (cut is not None)
         if cut is None:
             assert pruner.overrides() == {}
-        if cut == Cut(kept_rank=29):
-            assert state.increments == 1  # built from the rank-27 buffer kept while inactive
         fresh = Pruner(workspace, runnable)
         fresh.apply(plan)
         torch.testing.assert_close(pruner.matrix(FC), fresh.matrix(FC), rtol=1e-5, atol=1e-6)
