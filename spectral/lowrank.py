@@ -21,9 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FACTORISED_SHARE = 0.5  # see `cheaper_factorised`: factors where at least twice as cheap as the dense matrix; between,
-# the projection, which holds nothing (bench/bench_whatif.py, 2026-12-01: at 1.0, SmolLM2's shape held 373 MiB of
-# components across moves and peaked at 4.34x the file; at 0.5, 2.72x, and moves were no slower)
+FACTORISED_SPEEDUP = 2.0  # see `cheaper_factorised`: factors only where they run at least this many times faster
+# than the projection, which holds nothing (bench/bench_whatif.py, 2026-12-01: with factors wherever cheaper than
+# the dense matrix, SmolLM2's shape held ~400 MiB more across energy moves, 3.58x the file against 2.7x, for moves
+# no faster)
+
 # queries answered without the dense product (the wrapper holds a zero-stride placeholder of the right shape)
 _METADATA = {"shape", "size", "dim", "ndim", "dtype", "device", "numel", "is_floating_point", "is_complex", "layout",
              "requires_grad", "is_sparse", "is_quantized", "is_meta", "is_cuda", "__len__", "element_size",
@@ -200,18 +202,29 @@ def _plain(value):
     return value.dense() if isinstance(value, ImplicitWeight) else value
 
 
-def cheaper_factorised(shape: tuple[int, int], rank: int) -> bool:
-    """Two thin matmuls cost k(m + n) per row against m·n for the dense matrix (and store as much less): used while
-    that is under FACTORISED_SHARE of m·n."""
+def projected_cost(shape: tuple[int, int], rank: int) -> int:
+    """Multiply-adds per row of the rank-k truncation as a `ProjectedWeight`: m·n + 2·M·j, j = min(k, M − k) (onto
+    the kept components or off the removed ones)."""
     m, n = shape
-    return 0 < rank and rank * (m + n) < FACTORISED_SHARE * m * n
+    short = min(m, n)
+    return m * n + 2 * short * min(rank, short - rank)
+
+
+def cheaper_factorised(shape: tuple[int, int], rank: int) -> bool:
+    """Two thin matmuls, k(m + n) multiply-adds per row: used where that is cheaper than the dense matrix (m·n; a
+    heavily cut model then runs faster than the untouched one) and FACTORISED_SPEEDUP times cheaper than the
+    projection. At the default 2 that is k ≤ M/2 (M the short side), so the factors' long side holds at most half
+    the matrix."""
+    m, n = shape
+    cost = rank * (m + n)
+    return 0 < rank and cost < m * n and FACTORISED_SPEEDUP * cost <= projected_cost(shape, rank)
 
 
 def most_factorised(shape: tuple[int, int]) -> int:
-    """The largest rank `cheaper_factorised` accepts for this shape."""
-    m, n = shape
-    k = int(FACTORISED_SHARE * m * n // (m + n))
-    while k > 0 and not cheaper_factorised(shape, k):
-        k -= 1
-    return k
-
+    """The largest rank `cheaper_factorised` accepts. Both of its bounds grow more slowly in k than the factors'
+    cost (the projection's by at most 2M per component against m + n ≥ 2M), so it accepts exactly 1..this."""
+    lo, hi = 0, min(shape)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cheaper_factorised(shape, mid) else (lo, mid - 1)
+    return lo

@@ -22,10 +22,10 @@ it has gets the same cut values.
 Applying a plan (`Pruner.apply`) rebuilds only the matrices whose cut changed since the previous plan, from the
 truncation factors (singular values and the short side's singular vectors, spectral/factors.py) that
 `Workspace.truncation` computes lazily (only for matrices a plan truncates), into buffers owned by the
-pruner: cached originals are never written. A truncation to rank k whose factors cost at most half the dense matrix
-(k·(m+n) < m·n/2, `FACTORISED_SHARE`) is not rebuilt at all: the pruner keeps its factors and hands the model a
-`LowRankWeight`, which runs as two thin matmuls, so a heavily cut model evaluates faster than the untouched one
-(spectral/lowrank.py). Any other truncation (or band cut) of a plain matrix is a `ProjectedWeight`: the model's own
+pruner: cached originals are never written. A truncation to rank k whose factors cost less than the dense matrix
+and half the projection below (k ≤ M/2, M the short side: `cheaper_factorised`) is not rebuilt at all: the pruner
+keeps its factors and hands the model a `LowRankWeight`, which runs as two thin matmuls, so a heavily cut model
+evaluates faster than the untouched one (spectral/lowrank.py). Any other truncation (or band cut) of a plain matrix is a `ProjectedWeight`: the model's own
 untouched weight projected onto its kept singular directions or off its removed ones (whichever are fewer), read
 through columns of the factors' Q. It holds nothing beyond what the workspace and the model hold already, and a
 slider move only re-slices Q. Cuts the model cannot read implicitly (a precision, noise, zeros, or a matrix stored

@@ -13,6 +13,7 @@ from spectral.lowrank import (
     ProjectedWeight,
     cheaper_factorised,
     most_factorised,
+    projected_cost,
 )
 from spectral.whatif import Choice, WhatIfSession
 from tests.tiny_models import save_tiny_gpt
@@ -90,37 +91,36 @@ def test_modules_read_it_through_functional_call(factors):
     torch.testing.assert_close(functional_call(embedding, {"weight": LowRankWeight(left, right)}, (ids,)), dense[ids])
 
 
-def test_factors_are_used_only_where_they_are_cheaper(monkeypatch):
-    """k(m + n) multiply-adds against FACTORISED_SHARE · m·n: below half the dense cost at the default 0.5, below
-    the dense cost at share 1."""
+def test_factors_are_used_where_cheaper_than_the_dense_matrix_and_twice_the_projection(monkeypatch):
+    """k(m + n) multiply-adds, against m·n and FACTORISED_SPEEDUP⁻¹ · (m·n + 2M·min(k, M − k)) by hand: at the
+    default 2, k ≤ M/2 on a square matrix and on GPT-2's embedding; at 4, a quarter of that or less."""
     import spectral.lowrank
 
-    assert spectral.lowrank.FACTORISED_SHARE == 0.5
-    assert cheaper_factorised((100, 100), 24) and not cheaper_factorised((100, 100), 25)
-    monkeypatch.setattr(spectral.lowrank, "FACTORISED_SHARE", 1.0)
-    assert cheaper_factorised((100, 100), 49) and not cheaper_factorised((100, 100), 50)
+    assert spectral.lowrank.FACTORISED_SPEEDUP == 2.0
+    assert projected_cost((100, 100), 30) == 10_000 + 2 * 100 * 30
+    assert projected_cost((100, 100), 70) == 10_000 + 2 * 100 * 30
+    assert cheaper_factorised((100, 100), 49) and not cheaper_factorised((100, 100), 50)  # 50: as dense
+    assert cheaper_factorised((50257, 768), 384) and not cheaper_factorised((50257, 768), 385)
     assert not cheaper_factorised((100, 100), 0)
+    monkeypatch.setattr(spectral.lowrank, "FACTORISED_SPEEDUP", 4.0)
+    # 4·200k ≤ 10000 + 200k  ⇔  k ≤ 16.7
+    assert cheaper_factorised((100, 100), 16) and not cheaper_factorised((100, 100), 17)
 
 
-@pytest.mark.parametrize("share", [1.0, 0.5])
+@pytest.mark.parametrize("speedup", [2.0, 4.0, 1.0])
 @pytest.mark.parametrize("shape", [(100, 100), (50257, 768), (768, 3072), (3072, 768), (1000, 1000), (40, 90),
                                    (1, 300_000), (1, 1)])
-def test_the_most_components_the_factorised_form_holds_is_the_largest_its_rule_accepts(shape, share, monkeypatch):
-    """`most_factorised` bounds what a held range may grow to: the largest rank `cheaper_factorised` accepts (one
-    more is refused), or 0 where it accepts none (a 1 × 1 matrix), at the default share and a smaller one."""
+def test_the_most_components_the_factorised_form_holds_is_the_largest_its_rule_accepts(shape, speedup, monkeypatch):
+    """`most_factorised` bounds what a held range may grow to: the largest rank `cheaper_factorised` accepts, every
+    rank below it accepted and every one above refused (checked one by one), or 0 where it accepts none."""
     import spectral.lowrank
 
-    monkeypatch.setattr(spectral.lowrank, "FACTORISED_SHARE", share)
+    monkeypatch.setattr(spectral.lowrank, "FACTORISED_SPEEDUP", speedup)
     most = most_factorised(shape)
-    assert most >= 0 and not cheaper_factorised(shape, most + 1)
-    if most:
-        assert cheaper_factorised(shape, most)
-    else:
-        assert not any(cheaper_factorised(shape, r) for r in range(1, min(shape) + 1))
-    if share == 1.0:
-        assert most_factorised((50257, 768)) == 756 and most_factorised((100, 100)) == 49
-    else:
-        assert most_factorised((50257, 768)) == 378 and most_factorised((100, 100)) == 24
+    ranks = range(1, min(min(shape), 2000) + 1)
+    assert [cheaper_factorised(shape, k) for k in ranks] == [k <= most for k in ranks]
+    if speedup == 2.0:
+        assert most_factorised((50257, 768)) == 384 and most_factorised((100, 100)) == 49
     assert most_factorised((1, 1)) == 0
 
 

@@ -137,13 +137,13 @@ def test_a_dense_buffer_kept_while_the_matrix_is_untouched_is_resumed(conv_kerne
 
 
 def test_each_truncation_of_a_long_thin_matrix_takes_the_form_its_rank_calls_for(tmp_path, monkeypatch):
-    """A 4096 × 32 embedding (the factorised share lowered to 1/4): ranks k·4128 < 32768,
-    k ≤ 7, run as factors; above, the model's weight is projected onto the kept head while it is the smaller set
-    (k = 8, 12) and off the removed tail from there (k = 16, 20, 31). Only the factorised form holds components,
-    none a dense buffer; every cut equals the SVD truncation."""
+    """A 4096 × 32 embedding (FACTORISED_SPEEDUP raised to 8): ranks with 8·4128k ≤ 131072 + 64k, k ≤ 3, run as
+    factors; above, the model's weight is projected onto the kept head while it is the smaller set (k = 8, 12) and
+    off the removed tail from there (k = 16, 20, 31). Only the factorised form holds components, none a dense
+    buffer; every cut equals the SVD truncation."""
     import spectral.lowrank
 
-    monkeypatch.setattr(spectral.lowrank, "FACTORISED_SHARE", 0.25)
+    monkeypatch.setattr(spectral.lowrank, "FACTORISED_SPEEDUP", 8.0)
     config = GPTConfig(vocab_size=4096, n_layer=1, n_embd=32, n_head=2, block_size=32)
     ckpt = load_checkpoint(save_tiny_gpt(tmp_path / "long.safetensors", config=config))
     workspace = Workspace(ckpt)
@@ -151,7 +151,7 @@ def test_each_truncation_of_a_long_thin_matrix_takes_the_form_its_rank_calls_for
     (name,) = [m.name for m in workspace.matrices if tuple(m.shape) == (4096, 32)]
     U, S, Vt = numpy_svd(workspace.weight(name))
     for k, form, width in ((31, "off", 1), (20, "off", 12), (16, "off", 16), (12, "onto", 12), (8, "onto", 8),
-                           (7, "factors", 7), (4, "factors", 4), (31, "off", 1)):
+                           (4, "onto", 4), (3, "factors", 3), (2, "factors", 2), (31, "off", 1)):
         pruner.apply(only(name, Cut(kept_rank=k)))
         state = pruner._working[name]
         assert state.buffer is None and state.implicit is not None
@@ -167,7 +167,7 @@ def test_each_truncation_of_a_long_thin_matrix_takes_the_form_its_rank_calls_for
 
 
 def test_held_components_go_when_a_cut_turns_dense_or_back_to_the_original(session):
-    """FC (128 × 32) through factorised (rank ≤ 12: 160k < 4096/2), projected, dense (a precision, a seed) and
+    """FC (128 × 32) through factorised (rank ≤ 16: k ≤ M/2), projected, dense (a precision, a seed) and
     identity cuts: components are held only under the factorised form, an implicit weight exists only under the
     factorised and projected ones, the identity drops both, and after every move the weights and the model's outputs
     equal a fresh pruner's."""
@@ -176,7 +176,7 @@ def test_held_components_go_when_a_cut_turns_dense_or_back_to_the_original(sessi
     identity = Plan(Strategy("none"), "all", {})
     steps = [(Cut(kept_rank=4), "factors"), (Cut(kept_rank=4, precision="fp16"), "dense"),
              (Cut(kept_rank=31), "projected"), (Cut(random_seed=3), "dense"), (Cut(kept_rank=4), "factors"),
-             (None, "original"), (Cut(kept_rank=12), "factors"), (Cut(kept_rank=13), "projected"),
+             (None, "original"), (Cut(kept_rank=16), "factors"), (Cut(kept_rank=17), "projected"),
              (Cut(removed=(3, 6)), "projected"), (None, "original")]
     for cut, form in steps:
         plan = identity if cut is None else only(FC, cut)
