@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,15 +229,23 @@ def settings_widgets() -> None:
                       "(heavy tails). Each matrix says whether its null fits.")
 
 
+PROGRESS_AFTER_SECONDS = 0.3  # work that ends sooner draws no bar: a demo move's four evaluation chunks made six
+# page updates for a bar nobody could read
+
+
 def progress_bar(text: str):
-    """A progress(i, total, label) callback drawing a bar that appears with the first report and goes at the end."""
+    """A progress(i, total, label) callback drawing a bar that appears with the first report at least
+    PROGRESS_AFTER_SECONDS after it was made (work done sooner shows none) and goes at the end."""
     bar = None
+    start = time.perf_counter()
 
     def progress(i: int, total: int, label: str) -> None:
         nonlocal bar
         if total == 0:
             return
         if bar is None:
+            if i >= total or time.perf_counter() - start < PROGRESS_AFTER_SECONDS:
+                return
             bar = st.progress(0.0, text=text)
         bar.progress(min(i / total, 1.0), text=f"{text} {i}/{total}: {label}" if label else text)
         if i >= total:
