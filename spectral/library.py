@@ -17,6 +17,7 @@ from pathlib import Path
 
 from spectral.checkpoint import DEMO_DIR, Checkpoint, load_checkpoint
 from spectral.devices import CPU, Device
+from spectral.heap import release_freed_memory
 from spectral.runtime import BatchSpec, ModelRuntime
 from spectral.whatif import WhatIfSession
 from spectral.workspace import Workspace
@@ -97,7 +98,8 @@ class Library:
                 self._sessions = OrderedDict((k, v) for k, v in self._sessions.items() if k[1] != old)
                 evicted = True
         if evicted:  # what the evicted checkpoint held in reference cycles is freed now, not at Python's next full
-            gc.collect()  # collection (the server runs none after each script: .streamlit/config.toml)
+            gc.collect()  # collection (the server runs none after each script: .streamlit/config.toml), and
+            release_freed_memory()  # handed back to the system (spectral/heap.py)
         return opened
 
     def open_checkpoint(self, checkpoint: Checkpoint, label: str, origin: str, path: str | None = None) -> Opened:

@@ -21,6 +21,7 @@ from models.contract import Need, NotRunnable, Runnable
 from models.registry import runnable_model
 from spectral.devices import CPU, Device
 from spectral.evaluation import DEFAULT_POSITIONS, EvalBatch, Evaluator, make_eval_batch
+from spectral.heap import release_freed_memory
 from spectral.workspace import Workspace
 
 MAX_EVALUATORS = 4  # evaluation texts whose reference outputs are kept per checkpoint (least recently used go)
@@ -180,15 +181,18 @@ class ModelRuntime:
         self._prefetch_done, self._prefetch_total = 0, len(order)
 
         def work() -> None:
-            for i, name in enumerate(order):
-                if self._prefetch_stop.is_set():
-                    return
-                with self.lock:
-                    try:
-                        self.workspace.truncation(name)
-                    except Exception:  # noqa: BLE001 - e.g. a NaN matrix; a move that needs it reports why
-                        pass
-                self._prefetch_done = i + 1
+            try:
+                for i, name in enumerate(order):
+                    if self._prefetch_stop.is_set():
+                        return
+                    with self.lock:
+                        try:
+                            self.workspace.truncation(name)
+                        except Exception:  # noqa: BLE001 - e.g. a NaN matrix; a move that needs it reports why
+                            pass
+                    self._prefetch_done = i + 1
+            finally:  # this thread's Gram matrices and slices, freed in its own malloc arena (spectral/heap.py)
+                release_freed_memory()
 
         self._prefetch = threading.Thread(target=work, name="prefetch-factors", daemon=True)
         self._prefetch.start()
