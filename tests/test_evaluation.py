@@ -180,6 +180,15 @@ def test_phi_is_accurate_across_the_series_switch():
     assert torch.all((got - exact).abs() <= 5e-7 * exact.abs() + 1e-30)
 
 
+def test_phi_is_infinite_not_nan_where_the_exponential_overflows():
+    """B = E_p[φ] must be +inf there, so that the KL falls back to the direct difference (the lerp blend gives nan)."""
+    x = torch.tensor([-200.0, -0.3, 0.2, 80.0, 100.0, 1e4])
+    got = phi(x)
+    assert torch.isinf(got[4:]).all() and (got[4:] > 0).all()
+    exact = torch.expm1(x[:4].double()) - x[:4].double()
+    assert torch.all((got[:4].double() - exact).abs() <= 5e-7 * exact)
+
+
 def test_phi_with_every_entry_inside_the_series_bound():
     """The path a mild cut takes (no entry beyond the bound, so no expm1 pass), against float64."""
     x = torch.linspace(-0.5, 0.5, 1001)
