@@ -3,10 +3,14 @@
     python bench/bench_browser.py                # the demo, 12 moves of the Pruning page's rank-fraction slider
     python bench/bench_browser.py --moves 20 --checkpoint path/to/model.safetensors   # uploaded through the page
 
-Each move is one ArrowLeft/ArrowRight key press on the focused slider thumb. Two clocks per move:
-- metrics: until the new metrics are on screen (the caption drawn right under them names the value they were
-  computed for); this is the number issue 5 asks for (target: median ≤ 1 s);
+Each move is one ArrowLeft/ArrowRight key press on the focused slider thumb. Three clocks per move:
+- metrics: from the key press to the first frame after the new metrics entered the page (the caption drawn right
+  under them names the value they were computed for), timed by the page's own clock (`tests.browser.key_to_change`);
+  this is the number issues 5 and 11 ask for (targets: median ≤ 1 s; ≤ 0.3 s);
+- driver: the same as the Python driver saw it, from before it sent the key to when it learned of the change;
 - idle: until the whole fragment has finished (the compression-vs-KL chart with the moved star included).
+Before 2026-12-01 the metrics clock was Playwright's `wait_for`, which re-checks after 0, 20, 50, 100, 100, then every
+500 ms: its figures were that grid (0.17, 0.27, 0.37 s), up to 0.1 s after the numbers were on screen.
 Printed side by side with the engine time the page reports for the same move (plan, rebuild, evaluation), so the
 difference is Streamlit's and the browser's share.
 """
@@ -27,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 from tests.browser import (  # noqa: E402
     chromium_path,
     goto_page,
+    key_to_change,
     launch_chromium,
+    start_page_clock,
     streamlit_server,
     wait_idle,
 )
@@ -75,14 +81,15 @@ def main() -> int:
         _caption(page).filter(has_text=_label(fraction)).wait_for()
         thumb = page.locator('.st-key-prune_rank input[type="range"]')
         thumb.focus()
-        browser_s, idle_s, engine_ms = [], [], []
+        start_page_clock(page, '[data-testid="stCaptionContainer"]', "matrices cut")
+        browser_s, driver_s, idle_s, engine_ms = [], [], [], []
         for i in range(args.moves):
             key, delta = ("ArrowLeft", -STEP) if (i // 4) % 2 == 0 else ("ArrowRight", STEP)  # 0.5 → 0.3 → 0.5 …
             fraction = round(fraction + delta, 2)
             start = time.perf_counter()
             thumb.press(key)
-            _caption(page).filter(has_text=_label(fraction)).wait_for()
-            browser_s.append(time.perf_counter() - start)
+            browser_s.append(key_to_change(page, _label(fraction)))
+            driver_s.append(time.perf_counter() - start)
             wait_idle(page)
             idle_s.append(time.perf_counter() - start)
             text = _caption(page).inner_text()
@@ -93,13 +100,15 @@ def main() -> int:
         "median_s": round(statistics.median(browser_s), 4), "min_s": round(min(browser_s), 4),
         "max_s": round(max(browser_s), 4), "idle_median_s": round(statistics.median(idle_s), 4),
         "engine_median_s": round(statistics.median(engine_ms) / 1000, 4),
-        "browser_s": [round(x, 4) for x in browser_s], "idle_s": [round(x, 4) for x in idle_s],
+        "driver_median_s": round(statistics.median(driver_s), 4),
+        "browser_s": [round(x, 4) for x in browser_s], "driver_s": [round(x, 4) for x in driver_s], "idle_s": [round(x, 4) for x in idle_s],
         "engine_s": [round(x / 1000, 4) for x in engine_ms],
     }
     result["overhead_median_s"] = round(result["median_s"] - result["engine_median_s"], 4)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"slider move -> updated metrics in the browser ({args.checkpoint}, {args.moves} moves): "
-          f"median {result['median_s']:.3f} s (min {result['min_s']:.3f}, max {result['max_s']:.3f}); "
+          f"median {result['median_s']:.3f} s (min {result['min_s']:.3f}, max {result['max_s']:.3f}; as the driver saw "
+          f"it {result['driver_median_s']:.3f} s); "
           f"fragment done (chart redrawn) {result['idle_median_s']:.3f} s; "
           f"engine median {result['engine_median_s']:.3f} s, Streamlit + browser "
           f"{result['overhead_median_s']:.3f} s; first visit of the page {first_visit:.1f} s; target <= 1 s")

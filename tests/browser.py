@@ -112,6 +112,41 @@ def goto_page(page, base_url: str, name: str, timeout: float = 120.0) -> None:
     wait_idle(page, timeout)
 
 
+# Playwright re-checks a condition it waits for after 0, 20, 50, 100, 100, then every 500 ms (its backoff), so a
+# latency taken from `wait_for` lands on that grid: 0.17, 0.27, 0.37, 0.87 s... A page clock times the change itself.
+_PAGE_CLOCK = """([selector, contains]) => {
+  const clock = window.__spectraClock = {keys: [], changes: []};
+  let last = null;
+  document.addEventListener('keydown', () => clock.keys.push(performance.now()), true);
+  new MutationObserver(() => {
+    const el = [...document.querySelectorAll(selector)].find(e => e.innerText.includes(contains));
+    const text = el ? el.innerText : null;
+    if (text === null || text === last) return;
+    last = text;
+    const change = {text, dom: performance.now(), frame: null};
+    clock.changes.push(change);
+    requestAnimationFrame(() => { change.frame = performance.now(); });
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def start_page_clock(page, selector: str, contains: str) -> None:
+    """Time key presses and changes of the element matching `selector` whose text has `contains`, in the page's own
+    clock (performance.now): read with `key_to_change`."""
+    page.evaluate(_PAGE_CLOCK, [selector, contains])
+
+
+def key_to_change(page, has_text: str, timeout: float = 120.0) -> float:
+    """Seconds from the last key press to the first frame drawn after the watched element's text came to contain
+    `has_text` (the DOM change, then the next animation frame: what a user sees), by the page's clock."""
+    handle = page.wait_for_function(
+        """(want) => { const c = window.__spectraClock, key = c.keys[c.keys.length - 1];
+                       const hit = c.changes.find(x => x.dom >= key && x.text.includes(want));
+                       return hit && hit.frame !== null ? hit.frame - key : null; }""",
+        arg=has_text, timeout=timeout * 1000, polling="raf")
+    return handle.json_value() / 1000
+
+
 def wait_charts(page, timeout: float = 60.0) -> None:
     """Wait until every plotly chart on the page has drawn its SVG (plotly.js renders after the script run)."""
     page.wait_for_function(
