@@ -2,7 +2,10 @@
 
 The controls, the numbers and the figures are one `st.fragment`: a slider move reruns only it, and it makes one
 engine call (`WhatIfSession.run`: plan → factors → rebuilt matrices → evaluation), so every figure shows the same
-move as the numbers. The sensitivity scan is behind a button and remembered by the session.
+move as the numbers. What a move does not change stays out of the fragment (the per-matrix overrides editor, whose
+changes rerun the page), and the per-matrix table is drawn only when asked for: each element a move redraws costs the
+browser, and four browsers on the server's two cores made that the load test's bottleneck (issue 17). The
+sensitivity scan is behind a button and remembered by the session.
 """
 import json
 
@@ -46,7 +49,6 @@ widgets.eval_text_box()
 @st.fragment
 def live_panel():
     choice = widgets.choice_widgets()
-    widgets.overrides_editor([m.name for m in opened.workspace.matrices])
     numbers = st.empty()
 
     def show(result) -> None:
@@ -65,7 +67,7 @@ def live_panel():
                f"this move · {1000 * result.timings['total']:.0f} ms (plan, rebuild, evaluation)")
     for warning in result.plan.warnings:
         st.warning(warning)
-    with st.expander("Per-matrix effect of this plan"):
+    if st.toggle("Per-matrix effect of this plan", key="prune_per_matrix"):  # drawn only when asked: each move
         st.dataframe([{"matrix": r.name, "role": r.role, "rank": r.rank, "kept rank": r.kept_rank,
                        "relative error": r.relative_error, "cut": r.cut, "precision": r.precision}
                       for r in result.prune.matrices], hide_index=True,
@@ -87,6 +89,7 @@ def live_panel():
                               icon=":material/data_object:")
 
 
+widgets.overrides_editor([m.name for m in opened.workspace.matrices])
 live_panel()
 heal_panel(session, st.session_state.get("prune_choice", Choice("mp", 2.0)), settings)
 

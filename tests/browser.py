@@ -119,8 +119,8 @@ _PAGE_CLOCK = """([selector, contains]) => {
   let last = null;
   document.addEventListener('keydown', () => clock.keys.push(performance.now()), true);
   new MutationObserver(() => {
-    const el = [...document.querySelectorAll(selector)].find(e => e.innerText.includes(contains));
-    const text = el ? el.innerText : null;
+    const el = [...document.querySelectorAll(selector)].find(e => e.textContent.includes(contains));
+    const text = el ? el.textContent : null;
     if (text === null || text === last) return;
     last = text;
     const change = {text, dom: performance.now(), frame: null};

@@ -88,13 +88,13 @@ def overrides_editor(matrix_names: list[str]) -> None:
         if c[3].button("Add", key="override_add", width="stretch"):
             st.session_state[OVERRIDES] = [o for o in current if o[0] != name] + [
                 (name, strategy, None if default is None else float(value))]
-            st.rerun(scope="fragment")
+            st.rerun()
         for i, (matrix, strat, val) in enumerate(current):
             row = st.columns([6, 1], vertical_alignment="center")
             row[0].caption(f"`{matrix}`: {STRATEGY_LABELS[strat]}" + ("" if val is None else f" = {val:g}"))
             if row[1].button("Remove", key=f"override_remove_{i}"):
                 st.session_state[OVERRIDES] = [o for o in current if o[0] != matrix]
-                st.rerun(scope="fragment")
+                st.rerun()
 
 
 def factors_progress(runtime) -> None:
