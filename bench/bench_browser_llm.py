@@ -10,7 +10,7 @@ Clocks, in one run, each from the user's action to what the page shows:
   result; then the reference strategies' chart (ten full evaluations) until the page is idle;
 - later moves: one ArrowRight on the z slider (z + 0.1) -> its estimate -> its full result (median and max); the
   full result by the page's own clock (`tests.browser.key_to_change`), not Playwright's `wait_for`, whose re-checks
-  every 0.5 s once a wait is long had added up to 0.5 s before 2026-12-01.
+  every 0.5 s once a wait is long had added up to 0.5 s before the evening of 2026-12-01.
 The dashboard's own thread policy applies (torch on one thread, the other core left to the server and the browser).
 """
 from __future__ import annotations

@@ -8,9 +8,10 @@ One real `streamlit run` (the demo), measured two ways in one run:
 - browsers: each session a process of its own with its own headless Chromium. A session opens the Pruning page,
   picks "Rank fraction", waits at a barrier until every session is ready, then moves the slider one key press at a
   time and times each move until its own new metrics are on screen (the caption under them names the value they
-  were computed for), by the page's own clock (`tests.browser.key_to_change`: key press to the first frame after
-  the change; Playwright's `wait_for`, used before 2026-12-01, re-checks on a 0.02-0.5 s backoff grid and overstated
-  slow moves by up to 0.5 s). The Chromiums run on the server's own two cores, so this measures them too.
+  were computed for), by the page's own clock (`tests.browser.key_to_change`: key press to the end of the first
+  frame after the change; Playwright's `wait_for`, used before the evening of 2026-12-01, re-checks on a 0.02-0.5 s
+  backoff grid and overstated slow moves by up to 0.5 s). The Chromiums run on the server's own two cores, so this
+  measures them too.
 - protocol: the same sessions and moves through bench/streamlit_client.py, which speaks Streamlit's websocket
   protocol without a browser (as users' browsers on their own machines would leave the server's cores alone):
   each move is timed from the request to the new metrics' caption arriving, and to the rerun's end.

@@ -117,7 +117,7 @@ def goto_page(page, base_url: str, name: str, timeout: float = 120.0) -> None:
 _PAGE_CLOCK = """([selector, contains]) => {
   const clock = window.__spectraClock = {keys: [], changes: []};
   let last = null;
-  document.addEventListener('keydown', () => clock.keys.push(performance.now()), true);
+  document.addEventListener('keydown', e => clock.keys.push(e.timeStamp), true);  // when the key reached the page
   new MutationObserver(() => {
     const el = [...document.querySelectorAll(selector)].find(e => e.textContent.includes(contains));
     const text = el ? el.textContent : null;
@@ -125,7 +125,7 @@ _PAGE_CLOCK = """([selector, contains]) => {
     last = text;
     const change = {text, dom: performance.now(), frame: null};
     clock.changes.push(change);
-    requestAnimationFrame(() => { change.frame = performance.now(); });
+    requestAnimationFrame(() => setTimeout(() => { change.frame = performance.now(); }));  // that frame drawn
   }).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
 
@@ -137,8 +137,10 @@ def start_page_clock(page, selector: str, contains: str) -> None:
 
 
 def key_to_change(page, has_text: str, timeout: float = 120.0) -> float:
-    """Seconds from the last key press to the first frame drawn after the watched element's text came to contain
-    `has_text` (the DOM change, then the next animation frame: what a user sees), by the page's clock."""
+    """Seconds from the last key press (its event's timestamp: when the input reached the page, so time spent in
+    the renderer's input queue counts) to the end of the first frame after the watched element's text came to
+    contain `has_text` (the DOM change, the next animation frame, then the task after it, once that frame's style,
+    layout and paint are done: what a user sees), by the page's clock."""
     handle = page.wait_for_function(
         """(want) => { const c = window.__spectraClock, key = c.keys[c.keys.length - 1];
                        const hit = c.changes.find(x => x.dom >= key && x.text.includes(want));

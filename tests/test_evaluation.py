@@ -189,6 +189,19 @@ def test_phi_is_infinite_not_nan_where_the_exponential_overflows():
     assert torch.all((got[:4].double() - exact).abs() <= 5e-7 * exact)
 
 
+def test_a_nan_logit_spoils_its_own_row_only():
+    """A cut that overflows (say to fp16 inf, then nan) in one position must not bend the KL of the others: with a
+    NaN in the chunk, aminmax is NaN, and the other rows' large changes still need expm1, not the series."""
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(4, 300, generator=g) * 3
+    z = z0 + 3.0 * torch.randn(4, 300, generator=g)
+    z[0, 5] = float("nan")
+    kl = _metrics(z0, z).kl
+    exact = _kl_reference(z0[1:], z[1:])
+    assert torch.isnan(kl[0])
+    assert torch.all((kl[1:] - exact).abs() <= 1e-6 * exact)
+
+
 def test_phi_with_every_entry_inside_the_series_bound():
     """The path a mild cut takes (no entry beyond the bound, so no expm1 pass), against float64."""
     x = torch.linspace(-0.5, 0.5, 1001)
