@@ -6,18 +6,25 @@ s_i² is about M·ε·s_1² (ε = 2.2e-16), so s_i is accurate to a relative 1e-
 singular value falls below that ratio (near-singular matrices, the left tail), the exact SVD is used instead.
 
 Memory: the Gram matrix is summed from slices of W converted to float64 one at a time (GRAM_BLOCK_BYTES each), so
-W is never copied whole: the peak beside W itself is the M×M Gram matrix, the eigensolver's copy of it and one slice.
+W is never copied whole: the peak beside W itself is the M×M Gram matrix, one slice, and (above
+TRIDIAGONAL_MAX_SIDE, torch's eigensolver) its copy of the Gram matrix; the tridiagonal route reduces it in place.
 Products of exact float64 conversions, summed in float64: the same arithmetic as one W·Wᵀ, in another order.
+
+Eigenvalues (2026-12-01): up to TRIDIAGONAL_MAX_SIDE by LAPACK's dsytrd + dsterf from scipy's OpenBLAS
+(spectral/tridiagonal.py), the two steps dsyevd takes without vectors, which on this machine ran 1.2-1.8x faster than
+torch's MKL `eigvalsh`; the reduction can be kept for the top singular vectors a comparison needs.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
-from spectral import syrk
+from spectral import syrk, tridiagonal
+from spectral.tridiagonal import Tridiagonal
 from spectral.threads import run_single_threaded, threads_in_this_thread
 
 GRAM_SAFE_RATIO = 1e-5  # below this s_min/s_max the Gram route loses digits: fall back to the SVD
@@ -31,6 +38,12 @@ EIG_BESIDE_MIN = 1024  # from this short side up, the eigensolver runs in its ow
 # threads at every step: on the 2-core machine one thread took 2.2 s for M = 4096 where torch's two took 9.2 s, and
 # 16 ms for M = 512 where two took 6.8 s (other work running: a waiting thread spins through the other's time slices).
 EIG_THREADS = 1
+# Up to this side, eigenvalues by scipy's dsytrd + dsterf (spectral/tridiagonal.py), above it by torch's eigvalsh:
+# measured on the 2-core AMD EPYC machine on one thread (two at once alike), 27 against 47 ms at M = 768, 60 against
+# 103 ms at 1024, 0.46 against 0.54 s at 2048, even at 2560, 1.9 against 1.6 s at 3072 (torch's MKL wins only there)
+TRIDIAGONAL_MAX_SIDE = 2048
+
+T = TypeVar("T")
 
 Progress = Callable[[float], None]  # the fraction of this matrix's work done, 0 to 1
 
@@ -45,6 +58,21 @@ def singular_values(matrix: torch.Tensor, method: str = "auto", progress: Progre
     A difference is formed a slice at a time in float64 (the difference of two stored 16- or 32-bit floats is exact
     there unless their exponents are ~30 binades apart): the same element-wise arithmetic as subtracting whole
     float64 copies, without them."""
+    return _singular_values(matrix, method, progress, minus, keep=False)[0]
+
+
+def singular_values_and_reduction(matrix: torch.Tensor, progress: Progress | None = None
+                                  ) -> tuple[np.ndarray, Tridiagonal | None]:
+    """`singular_values(matrix)` and, where the eigenvalues come from the tridiagonal route (short side up to
+    TRIDIAGONAL_MAX_SIDE), the Gram matrix's reduction (spectral/tridiagonal.py), so the short side's top singular
+    vectors cost O(M²k) more: `reduction.top_eigenvectors(k)`. The values are bitwise those of `singular_values`;
+    where they come from its SVD fallback (a near-singular matrix) the reduction is still returned, its top
+    eigenvectors being accurate either way. None in place of the reduction on the other routes."""
+    return _singular_values(matrix, "auto", progress, None, keep=True)
+
+
+def _singular_values(matrix: torch.Tensor, method: str, progress: Progress | None, minus: torch.Tensor | None, *,
+                     keep: bool) -> tuple[np.ndarray, Tridiagonal | None]:
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     if method not in ("auto", "gram", "svd"):
@@ -60,7 +88,7 @@ def singular_values(matrix: torch.Tensor, method: str = "auto", progress: Progre
         s = torch.linalg.svdvals(_float64(w, minus)).numpy()
         if progress:
             progress(1.0)
-        return s
+        return s, None
     m, n = w.shape
     short, long = min(m, n), max(m, n)
     gram_work, eig_work = float(short) * short * long, EIG_WORK * float(short) ** 3
@@ -70,15 +98,16 @@ def singular_values(matrix: torch.Tensor, method: str = "auto", progress: Progre
     gram = _gram(w, lambda done: report(done * gram_work / total), minus)
     gram_seconds = time.perf_counter() - start
     expected = gram_seconds * eig_work / max(gram_work, 1.0)  # the eigensolver's time, predicted from the Gram's
-    eig = _eigvalsh(gram, report if progress else None,
-                    lambda elapsed: (gram_work + eig_work * _eased(elapsed / max(expected, 1e-9))) / total)
+    eig, reduction = _eigvalsh(gram, report if progress else None,
+                               lambda elapsed: (gram_work + eig_work * _eased(elapsed / max(expected, 1e-9))) / total,
+                               keep=keep)
     del gram
-    s = np.sqrt(np.clip(eig.numpy()[::-1], 0.0, None))
+    s = np.sqrt(np.clip(eig[::-1], 0.0, None))
     if method == "auto" and s.size and s[0] > 0 and s[-1] < GRAM_SAFE_RATIO * s[0]:
         s = torch.linalg.svdvals(_float64(w, minus)).numpy()
     if progress:
         progress(1.0)
-    return np.ascontiguousarray(s)
+    return np.ascontiguousarray(s), reduction
 
 
 def _eased(ratio: float) -> float:
@@ -201,23 +230,39 @@ def gram_eigh(matrix: torch.Tensor, progress: Progress | None = None) -> tuple[t
     return values, vectors
 
 
-def _eigvalsh(gram: torch.Tensor, report: Callable[[float], None] | None,
-              fraction: Callable[[float], float]) -> torch.Tensor:
-    """Ascending eigenvalues of the symmetric Gram matrix (see `_eigh`)."""
-    return _eigh(gram, report, fraction, vectors=False)[0]
+def _eigvalsh(gram: torch.Tensor, report: Callable[[float], None] | None, fraction: Callable[[float], float], *,
+              keep: bool = False) -> tuple[np.ndarray, Tridiagonal | None]:
+    """Ascending eigenvalues of the symmetric Gram matrix, which may be overwritten: up to TRIDIAGONAL_MAX_SIDE by
+    the tridiagonal route (spectral/tridiagonal.py; with `keep`, the reduction is returned too), above it by torch's
+    `eigvalsh` (see `_eigh`)."""
+    if gram.shape[0] <= TRIDIAGONAL_MAX_SIDE and tridiagonal.available():
+        def solve() -> tuple[np.ndarray, Tridiagonal]:
+            reduction = tridiagonal.tridiagonalize(gram.numpy())
+            return reduction.eigenvalues, reduction
+
+        values, reduction = _beside(solve, gram.shape[0], "tridiagonal", report, fraction)
+        return values, (reduction if keep else None)
+    return _eigh(gram, report, fraction, vectors=False)[0].numpy(), None
 
 
 def _eigh(gram: torch.Tensor, report: Callable[[float], None] | None, fraction: Callable[[float], float], *,
           vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Ascending eigenvalues (and eigenvectors when asked) of the symmetric Gram matrix, with EIG_THREADS OpenMP and
-    MKL threads (limits set in a thread bind that thread only). From EIG_BESIDE_MIN up, LAPACK runs in a thread of
-    its own (torch releases the GIL) and this thread keeps `report` moving with `fraction(elapsed)`, since LAPACK
-    reports nothing while it works; below it the solver takes well under a second and runs here."""
+    """Ascending eigenvalues (and eigenvectors when asked) of the symmetric Gram matrix by torch, with EIG_THREADS
+    OpenMP and MKL threads (limits set in a thread bind that thread only), beside the calling thread when large
+    (`_beside`)."""
     def solve() -> tuple[torch.Tensor, torch.Tensor | None]:
         with threads_in_this_thread(EIG_THREADS):
             return tuple(torch.linalg.eigh(gram)) if vectors else (torch.linalg.eigvalsh(gram), None)
 
-    if gram.shape[0] < EIG_BESIDE_MIN:
+    return _beside(solve, gram.shape[0], "eigh" if vectors else "eigvalsh", report, fraction)
+
+
+def _beside(solve: Callable[[], T], side: int, name: str, report: Callable[[float], None] | None,
+            fraction: Callable[[float], float]) -> T:
+    """`solve()`; from EIG_BESIDE_MIN up, in a thread of its own (LAPACK runs without the GIL) while this thread
+    keeps `report` moving with `fraction(elapsed)`, since LAPACK reports nothing while it works; below it the solver
+    takes well under a second and runs here."""
+    if side < EIG_BESIDE_MIN:
         return solve()
     result: dict[str, object] = {}
 
@@ -229,7 +274,7 @@ def _eigh(gram: torch.Tensor, report: Callable[[float], None] | None, fraction: 
 
     # a fresh thread each time: measured, long-lived solver threads left this process's later forward passes ~10%
     # slower (bench/bench_whatif.py), and a thread's start-up (~20 ms) is small beside a solver this size
-    worker = threading.Thread(target=work, name="eigh" if vectors else "eigvalsh", daemon=True)
+    worker = threading.Thread(target=work, name=name, daemon=True)
     start = time.perf_counter()
     worker.start()
     while worker.is_alive():

@@ -6,46 +6,28 @@ A Gram matrix is symmetric, so `dsyrk` does half the multiply-adds of the genera
 because no library offers it as needed here: torch has no symmetric rank-k update; numpy's `a @ a.T` does call
 `syrk` but returns a new M × M array per slice (a second Gram matrix in memory); scipy.linalg.blas.dsyrk holds the
 GIL, so the side-by-side spectra (spectral/threads.py) would run one at a time. This module calls scipy's own
-`dsyrk`, taken from its public Cython BLAS table (`scipy.linalg.cython_blas`), through ctypes, which releases the GIL
-for the call. scipy's BLAS runs one thread per call (spectral/threads.py caps it), so use it from threads that do
-the same (`torch.get_num_threads() == 1`).
+`dsyrk` through ctypes (spectral/nogil.py), which releases the GIL for the call. scipy's BLAS runs one thread per
+call (spectral/threads.py caps it), so use it from threads that do the same (`torch.get_num_threads() == 1`).
 """
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import numpy as np
 import torch
 
+from spectral import nogil
+
 INT_MAX = 2**31 - 1
 MIRROR_BLOCK = 512  # rows copied at a time when the upper triangle is filled from the lower one
 
-_FUNCTIONS: dict[str, object] = {}  # "dsyrk"/"ssyrk" -> the ctypes function, or None where scipy lacks it
-_LOCK = threading.Lock()
 _SCALARS = {"dsyrk": (np.float64, ctypes.c_double), "ssyrk": (np.float32, ctypes.c_float)}
 
 
 def _function(name: str):
-    with _LOCK:
-        if name not in _FUNCTIONS:
-            function = None
-            try:
-                from scipy.linalg import cython_blas
-
-                capsule = cython_blas.__pyx_capi__[name]
-                api = ctypes.pythonapi
-                api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
-                api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-                api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-                integer, scalar = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(_SCALARS[name][1])
-                prototype = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, integer, integer, scalar,
-                                             ctypes.c_void_p, integer, scalar, ctypes.c_void_p, integer)
-                function = prototype(api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule)))
-            except (ImportError, KeyError, AttributeError, ValueError, OSError):
-                function = None
-            _FUNCTIONS[name] = function
-        return _FUNCTIONS[name]
+    integer, scalar = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(_SCALARS[name][1])
+    return nogil.function("cython_blas", name, [ctypes.c_char_p, ctypes.c_char_p, integer, integer, scalar,
+                                                ctypes.c_void_p, integer, scalar, ctypes.c_void_p, integer])
 
 
 def available() -> bool:

@@ -218,7 +218,8 @@ def test_without_ray_the_error_names_the_pip_command():
 @needs_ray
 def test_a_local_cluster_whose_dashboard_does_not_start_still_computes():
     """Ray's dashboard is best-effort: CI once saw it miss Ray's 60 s start-up timeout, which failed the whole run.
-    A zero timeout makes it miss for certain; the spectra must still come back, equal to the local ones."""
+    A zero timeout makes it miss for certain; the spectra must still come back, equal to the local ones (to 1e-10 of
+    the largest, as `assert_same_spectra`: the task's one thread sums the Gram matrix in another order)."""
     code = ("import numpy as np\n"
             "from spectral.checkpoint import load_checkpoint\n"
             "from spectral.distributed import RayMap\n"
@@ -228,7 +229,7 @@ def test_a_local_cluster_whose_dashboard_does_not_start_still_computes():
             "    remote = m.spectra(checkpoint)\n"
             "local = Workspace(checkpoint, cache=None).spectra()\n"
             "print(sorted(remote) == sorted(local) and all(np.allclose(remote[k].singular_values, "
-            "local[k].singular_values, rtol=1e-10, atol=0) for k in local))\n")
+            "local[k].singular_values, rtol=0, atol=1e-10 * local[k].singular_values[0]) for k in local))\n")
     env = {**os.environ, "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "0"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300, check=False)

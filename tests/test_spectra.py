@@ -79,18 +79,22 @@ def test_progress_rises_to_one_and_never_goes_back(monkeypatch, workers):
     assert all(b > a for a, b in itertools.pairwise(seen)) and 0 < seen[0] < 1
 
 
-def test_progress_keeps_moving_while_the_eigensolver_runs(monkeypatch):
+@pytest.mark.parametrize("route", ["torch", "tridiagonal"])
+def test_progress_keeps_moving_while_the_eigensolver_runs(monkeypatch, route):
     """LAPACK says nothing while it works: a big matrix's eigensolver runs beside a thread that keeps reporting."""
     monkeypatch.setattr(spectra, "EIG_BESIDE_MIN", 64)
     monkeypatch.setattr(spectra, "PROGRESS_SECONDS", 0.001)
     calls = []
-    real = torch.linalg.eigvalsh
+    module, name = (torch.linalg, "eigvalsh") if route == "torch" else (spectra.tridiagonal, "tridiagonalize")
+    real = getattr(module, name)
+    if route == "torch":
+        monkeypatch.setattr(spectra, "TRIDIAGONAL_MAX_SIDE", 0)
 
     def slow(gram):
         time.sleep(0.2)
         return real(gram)
 
-    monkeypatch.setattr(torch.linalg, "eigvalsh", slow)
+    monkeypatch.setattr(module, name, slow)
     w = torch.randn(128, 256, dtype=torch.float64)
     s = singular_values(w, progress=lambda f: calls.append((time.perf_counter(), f)))
     np.testing.assert_allclose(s, np.linalg.svd(w.numpy(), compute_uv=False), rtol=1e-9)
@@ -99,13 +103,18 @@ def test_progress_keeps_moving_while_the_eigensolver_runs(monkeypatch):
     assert all(b > a for a, b in itertools.pairwise(during)) and max(during) < 1.0 and calls[-1][1] == 1.0
 
 
-def test_an_error_in_the_eigensolver_thread_reaches_the_caller(monkeypatch):
+@pytest.mark.parametrize("route", ["torch", "tridiagonal"])
+def test_an_error_in_the_eigensolver_thread_reaches_the_caller(monkeypatch, route):
     monkeypatch.setattr(spectra, "EIG_BESIDE_MIN", 8)
 
     def broken(gram):
         raise RuntimeError("LAPACK failed")
 
-    monkeypatch.setattr(torch.linalg, "eigvalsh", broken)
+    if route == "torch":
+        monkeypatch.setattr(spectra, "TRIDIAGONAL_MAX_SIDE", 0)
+        monkeypatch.setattr(torch.linalg, "eigvalsh", broken)
+    else:
+        monkeypatch.setattr(spectra.tridiagonal, "tridiagonalize", broken)
     with pytest.raises(RuntimeError, match="LAPACK failed"):
         singular_values(torch.randn(16, 32), progress=lambda f: None)
 
@@ -140,8 +149,9 @@ def test_peak_memory_is_the_gram_matrix_not_a_float64_copy_of_w():
 
 
 def test_the_eigensolver_runs_with_its_own_openmp_thread_count(monkeypatch):
-    """LAPACK's reduction runs in a thread of its own limited to EIG_THREADS OpenMP threads; the caller's pool is
-    left as it was."""
+    """torch's LAPACK (sides above TRIDIAGONAL_MAX_SIDE) runs limited to EIG_THREADS OpenMP threads; the caller's
+    pool is left as it was."""
+    monkeypatch.setattr(spectra, "TRIDIAGONAL_MAX_SIDE", 0)
     seen = []
     real = torch.linalg.eigvalsh
 
