@@ -50,9 +50,10 @@ from spectral.lora import (
 from spectral.matrices import MatrixInfo
 from spectral.runtime import BatchSpec, ModelRuntime
 from spectral import syrk
-from spectral.spectra import singular_values
+from spectral.spectra import singular_values, singular_values_and_reduction
+from spectral.tridiagonal import Tridiagonal
 from spectral.threads import map_single_threaded, worker_count
-from spectral.workspace import Workspace, concurrent_split
+from spectral.workspace import NonFiniteMatrix, Workspace, concurrent_split, matrix_spectrum
 
 Progress = Callable[[int, int, str], None]
 IGNORED_PREFIXES = STRIPPED_PREFIXES + ("base_model.model.",)  # torch.compile, DDP, PEFT wrappers
@@ -285,27 +286,47 @@ class _Vectors:
     right: np.ndarray
 
 
-def top_singular_vectors(matrix: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class _Read:
+    """What reading one pair once gave (`PairComparer._read_pair`): A's and B's new spectra (`NonFiniteMatrix` for
+    NaN/Inf weights, None where the workspace had one), their analysis rows and ΔW's fit at the comparison's
+    settings, and the settings-free update and vectors for the pair's caches (`_computed`'s form); None where a
+    side is not finite."""
+
+    spectrum_a: Spectrum | NonFiniteMatrix | None
+    spectrum_b: Spectrum | NonFiniteMatrix | None
+    row_a: MatrixReport | None = None
+    row_b: MatrixReport | None = None
+    delta: tuple[DeltaReport, MatrixReport | None] | None = None
+    computed: tuple[_Update | None, dict[tuple[str, str], _Vectors]] | None = None
+
+
+def top_singular_vectors(matrix: torch.Tensor, k: int, reduction: Tridiagonal | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """(U_k, V_k): the top-k left (rows × k) and right (cols × k) singular vectors of a matrix, as float64 arrays.
 
-    From the eigenvectors of the short side's Gram matrix, the route spectral/spectra.py takes for the values; the
-    other side is Wᵀu_i / s_i. k never exceeds the signal rank here, so s_i is above the MP edge, well away from 0.
-    In float32: an eigenvector's error is about ε₃₂·s₁²/(s_i² − s_{i+1}²) radians (Davis-Kahan), under 0.004 degrees
-    for any gap over 0.1% of s₁², and the angles are read in degrees."""
+    From the eigenvectors of the short side's Gram matrix, the route spectral/spectra.py takes for the values: with
+    `reduction` (that float64 Gram matrix's tridiagonal form, kept by `singular_values_and_reduction`), its top k
+    for O(M²k) more; else from a float32 Gram matrix by LAPACK's ?syevx (one tridiagonalisation, k vectors). The
+    other side is Wᵀu_i (or Wv_i) normalised: k never exceeds the signal rank here, so s_i is above the MP edge, well
+    away from 0. In float32: an eigenvector's error is about ε₃₂·s₁²/(s_i² − s_{i+1}²) radians (Davis-Kahan), under
+    0.004 degrees for any gap over 0.1% of s₁², and the angles are read in degrees."""
     w = matrix.detach().to(dtype=torch.float32, device="cpu")
     rows, cols = w.shape
     k = max(0, min(int(k), rows, cols))
     if k == 0:
         return np.zeros((rows, 0)), np.zeros((cols, 0))
     wide = rows <= cols
-    gram = _gram32(w, wide)
-    m = gram.shape[0]
-    # only the top k eigenpairs (LAPACK ?syevx: one tridiagonalisation, k vectors), ascending
-    values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[m - k, m - 1], driver="evx")
-    top = torch.from_numpy(vectors[:, ::-1].copy()).double()  # descending (a copy: torch refuses negative strides)
-    s = torch.from_numpy(values[::-1].copy()).double().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    if reduction is not None:
+        top = torch.from_numpy(reduction.top_eigenvectors(k))
+    else:
+        gram = _gram32(w, wide)
+        m = gram.shape[0]
+        # only the top k eigenpairs (LAPACK ?syevx: one tridiagonalisation, k vectors), ascending
+        _, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[m - k, m - 1], driver="evx")
+        top = torch.from_numpy(vectors[:, ::-1].copy()).double()  # descending (a copy: torch refuses negative strides)
     top32 = top.float()  # the other side in float32, the accuracy the vectors have (no float64 copy of W)
-    other = (w.T @ top32 if wide else w @ top32).double() / s
+    other = (w.T @ top32 if wide else w @ top32).double()
     other /= torch.linalg.vector_norm(other, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
     left, right = (top, other) if wide else (other, top)
     return left.numpy(), right.numpy()
@@ -427,6 +448,94 @@ class PairComparer:
             self._prepare(*jobs[info.name])
             done += 1
 
+    def _read_once(self, settings: Settings, progress: Progress | None) -> dict[str, _Read]:
+        """Matched matrices whose spectrum A or B still lacks (nothing in memory or on disk), each pair read once
+        for what it needs: the missing spectra, each Gram matrix's tridiagonal form kept just long enough to give
+        its top-k singular vectors (k = A's signal rank at these settings) for O(M²k) more, ΔW's spectrum, and the
+        analysis rows and ΔW's fit at these settings (Python work that overlaps the other worker's LAPACK). Pairs
+        run where `Workspace.spectra` would run each side's spectrum (side by side in single-threaded workers, or
+        alone on every thread), so the spectra are bitwise the ones `analyze` computes; a pair whose sides would
+        run differently (another dtype) is left to the analyses. ΔW is left to `_prepare_all` where the pair's
+        working set is too big for a worker. Returns what was read, by A's name. Where this cannot apply (another
+        null, which k depends on; Ray or a GPU; the same checkpoint twice) the spectra come from the analyses and
+        the rest from `_prepare_all`."""
+        if settings.null != "mp" or self.same_content or not (self.a.computes_spectra_here
+                                                                and self.b.computes_spectra_here):
+            return {}
+        pending_a = {info.name for info in self.a.spectra_from_disk()}
+        pending_b = {info.name for info in self.b.spectra_from_disk()}
+        todo = [m for m in self.matching.pairs if m.a.name in pending_a or m.b.name in pending_b]
+        workers = worker_count()
+        side_by_side_a = {i.name for i in concurrent_split([m.a for m in todo], workers, self.a.itemsize)[0]}
+        side_by_side_b = {i.name for i in concurrent_split([m.b for m in todo], workers, self.b.itemsize)[0]}
+        # ΔW beside A and B as read: its float64 slices, or the whole float64 ΔW with LAPACK's copy when its SVD
+        # fallback runs (an exactly low-rank update: a merged LoRA), as `_prepare_all` budgets it
+        with_delta = {i.name for i in concurrent_split([m.a for m in todo], workers, lambda info: 2 * 4 + 2 * 8)[0]}
+        together = [m for m in todo if m.a.name in side_by_side_a and m.b.name in side_by_side_b]
+        alone = [m for m in todo if m.a.name not in side_by_side_a and m.b.name not in side_by_side_b]
+        total, out = len(together) + len(alone), {}
+
+        def take(match: Match, read: _Read) -> None:
+            for workspace, side, spectrum in ((self.a, match.a, read.spectrum_a), (self.b, match.b, read.spectrum_b)):
+                if spectrum is not None:
+                    workspace.adopt({side.name: str(spectrum) if isinstance(spectrum, NonFiniteMatrix) else spectrum})
+            if read.computed is not None:
+                self._store(match, read.computed)
+            out[match.a.name] = read
+            if progress:
+                progress(len(out), total, match.a.name)
+
+        def read(match: Match, delta: bool = True) -> _Read:
+            return self._read_pair(match, settings, match.a.name in pending_a, match.b.name in pending_b, delta)
+
+        for match, result, error in map_single_threaded(lambda m: read(m, m.a.name in with_delta), together,
+                                                        workers):
+            if error is not None:
+                raise error
+            take(match, result)
+        for match in alone:
+            if progress:
+                progress(len(out), total, match.a.name)
+            take(match, read(match))
+        return out
+
+    def _read_pair(self, match: Match, settings: Settings, new_a: bool, new_b: bool, with_delta: bool) -> _Read:
+        """`_read_once`'s work for one pair, touching no cache (safe in a worker thread): A's (B's) spectrum is
+        computed when `new_a` (`new_b`), else the workspace's is used; ΔW's spectrum when `with_delta`. A matrix
+        that B holds unchanged takes A's spectrum (the same bits give the same numbers)."""
+        wa, wb = self.a.weight(match.a.name), self.b.weight(match.b.name)
+        identical = wa.dtype == wb.dtype and torch.equal(wa, wb)
+        spectrum_a, reduction_a = _spectrum_and_reduction(match.a, wa) if new_a else (None, None)
+        known_a = spectrum_a if new_a else self.a.known_spectrum(match.a.name)
+        if new_b and identical and isinstance(known_a, Spectrum):
+            spectrum_b, reduction_b = replace(known_a, name=match.b.name, role=match.b.role,
+                                              tied_with=tuple(match.b.tied_with)), None
+        else:
+            spectrum_b, reduction_b = _spectrum_and_reduction(match.b, wb) if new_b else (None, None)
+        read = _Read(spectrum_a, spectrum_b)
+        known_b = spectrum_b if new_b else self.b.known_spectrum(match.b.name)
+        if any(x is None or isinstance(x, NonFiniteMatrix) for x in (known_a, known_b)):
+            return read
+        read.row_a = analyze_spectrum(self.a.stored(known_a), settings)
+        read.row_b = analyze_spectrum(self.b.stored(known_b), settings)
+        vectors, k = {}, read.row_a.n_signal
+        if k > 0 and not identical:
+            for side, name, w, reduction in (("a", match.a.name, wa, reduction_a),
+                                              ("b", match.b.name, wb, reduction_b)):
+                if self._kept(side, name, k) is None:
+                    left, right = top_singular_vectors(w, k, reduction)
+                    vectors[(side, name)] = _Vectors(left.astype(np.float32), right.astype(np.float32))
+        del reduction_a, reduction_b  # each a Gram matrix's worth of memory: gone before ΔW's Gram is summed
+        update, fresh = self._updates.get(match.a.name), None
+        if update is None and with_delta:
+            dtypes = (self.a.checkpoint.dtypes.get(match.a.name, "float32"),
+                      self.b.checkpoint.dtypes.get(match.b.name, "float32"))
+            update = fresh = _delta(match, wa, wb, dtypes, (known_a, known_b))
+        if update is not None:
+            read.delta = delta_report(update, settings)
+        read.computed = (fresh, vectors)
+        return read
+
     def _computed(self, match: Match, k: int) -> tuple[_Update | None, dict[tuple[str, str], _Vectors]]:
         """What `_needs` says is missing for this pair, computed without touching this object's caches (safe in a
         worker thread): (ΔW's update or None when already known, the new top-k vectors by (side, name))."""
@@ -440,7 +549,8 @@ class PairComparer:
         if need_update:
             dtypes = (self.a.checkpoint.dtypes.get(match.a.name, "float32"),
                       self.b.checkpoint.dtypes.get(match.b.name, "float32"))
-            update = _delta(match, wa, wb, dtypes)
+            update = _delta(match, wa, wb, dtypes, (self.a.known_spectrum(match.a.name),
+                                                     self.b.known_spectrum(match.b.name)))
         vectors = {}
         if k > 0 and not (update or self._updates[match.a.name]).identical:
             for side, name, w in (("a", match.a.name, wa), ("b", match.b.name, wb)):
@@ -489,8 +599,11 @@ class PairComparer:
 
     def _compare(self, settings: Settings, progress: Progress | None) -> Comparison:
         start = time.perf_counter()
-        analysis_a = self.a.analyze(settings, progress=progress)
-        analysis_b = analysis_a if self.b is self.a else self.b.analyze(settings, progress=progress)
+        read = self._read_once(settings, progress)
+        analysis_a = self.a.analyze(settings, progress=progress,
+                                    rows={r.row_a.name: r.row_a for r in read.values() if r.row_a is not None})
+        analysis_b = analysis_a if self.b is self.a else self.b.analyze(
+            settings, progress=progress, rows={r.row_b.name: r.row_b for r in read.values() if r.row_b is not None})
         rows_a = {r.name: r for r in analysis_a.matrices}
         rows_b = {r.name: r for r in analysis_b.matrices}
         adapted = self.b.checkpoint.adapted if isinstance(self.b.checkpoint, MergedCheckpoint) else {}
@@ -505,7 +618,8 @@ class PairComparer:
                 notes.append(f"{match.a.name}: skipped in {'A' if ra is None else 'B'} (NaN/Inf values)")
                 continue
             update = self._prepare(match, ra.n_signal)
-            delta, full = delta_report(update, settings)
+            fitted = read[match.a.name].delta if match.a.name in read else None
+            delta, full = fitted if fitted is not None else delta_report(update, settings)
             subspace = self.subspace(match, ra.n_signal, update.identical)
             lora = next((adapted[n] for n in (match.b.name, *match.b.tied_with) if n in adapted), None)
             out.append(MatrixComparison(match.a.name, match.b.name, tuple(match.a.shape), match.a.role, ra, rb,
@@ -517,21 +631,41 @@ class PairComparer:
                           time.perf_counter() - start)
 
 
-def _delta(match: Match, wa: torch.Tensor, wb: torch.Tensor, dtypes: tuple[str, str]) -> _Update:
+def _delta(match: Match, wa: torch.Tensor, wb: torch.Tensor, dtypes: tuple[str, str],
+           known: tuple[Spectrum | None, Spectrum | None] = (None, None)) -> _Update:
     """ΔW = W_B − W_A in float64: its singular values (spectral/spectra.py's route, the difference formed a slice at a
     time), ‖ΔW‖_F/‖W_A‖_F and the rounding σ of the stored weights (`dtypes`: A's and B's stored dtypes); bitwise
-    equal matrices are identical without arithmetic."""
+    equal matrices are identical without arithmetic. `known`: A's and B's spectra where computed already, whose
+    Σs² = ‖W‖_F² spares a pass over the weights."""
     if wa.dtype == wb.dtype and torch.equal(wa, wb):
         return _Update(True, 0.0, None)
     s = singular_values(wb, minus=wa)
     norm_d = math.sqrt(float(np.sum(np.square(s))))  # ‖ΔW‖_F² = Σ s_i² (the Gram matrix's trace)
     if norm_d == 0.0:
         return _Update(True, 0.0, None)
-    norm_a, norm_b = frobenius_norm(wa), frobenius_norm(wb)
+    norm_a, norm_b = (math.sqrt(float(np.sum(np.square(sp.singular_values)))) if sp is not None else frobenius_norm(w)
+                      for sp, w in zip(known, (wa, wb)))
     root = math.sqrt(wa.numel())
     rounding = max(rounding_sigma(dtypes[0], norm_a / root), rounding_sigma(dtypes[1], norm_b / root))
     spectrum = Spectrum(match.a.name, tuple(match.a.shape), match.a.role, (), s)
     return _Update(False, norm_d / norm_a if norm_a > 0 else math.inf, spectrum, rounding)
+
+
+def _spectrum_and_reduction(info: MatrixInfo, w: torch.Tensor
+                            ) -> tuple[Spectrum | NonFiniteMatrix, Tridiagonal | None]:
+    """(the matrix's spectrum as `Workspace.spectra` computes it, with its Gram matrix's tridiagonal form where the
+    route keeps one), or (`NonFiniteMatrix`, None) for NaN/Inf weights."""
+    kept: list[Tridiagonal | None] = []
+
+    def values(matrix: torch.Tensor) -> np.ndarray:
+        s, reduction = singular_values_and_reduction(matrix)
+        kept.append(reduction)
+        return s
+
+    try:
+        return matrix_spectrum(w, info, svd=values), kept[0]
+    except NonFiniteMatrix as error:
+        return error, None
 
 
 def frobenius_norm(w: torch.Tensor, chunk_elements: int = 1 << 16) -> float:

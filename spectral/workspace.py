@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 
 from spectral.analysis import (
     Analysis,
+    MatrixReport,
     Progress,
     Settings,
     Spectrum,
@@ -224,6 +225,15 @@ class Workspace:
             self.adopt(self._from_disk(self.pending()), save=False)
             return self.pending()
 
+    def known_spectrum(self, name: str) -> Spectrum | None:
+        """The spectrum of this matrix if it is in memory already (no work to get it), else None."""
+        return self._spectra.get(self.info(name).name)
+
+    @property
+    def computes_spectra_here(self) -> bool:
+        """Spectra are computed by this process on the CPU (no Ray map, no GPU), by spectral/spectra.py's route."""
+        return self.mapper is None and self.device == CPU
+
     def pending(self) -> list[MatrixInfo]:
         """Matrices with neither a spectrum nor a reason to skip them yet."""
         return [m for m in self.matrices if m.name not in self._spectra and m.name not in self._skipped]
@@ -236,11 +246,15 @@ class Workspace:
                 if isinstance(found, str):
                     self._skipped[name] = found
                     continue
-                quant, quant_sigma = self._quantization(self.info(name))
-                self._spectra[name] = dataclasses.replace(found, quant=quant, quant_sigma=quant_sigma)
+                self._spectra[name] = self.stored(found)
                 if save and self.cache is not None and self.device.dtype == torch.float64:  # float32 GPU
                     # results stay out of the cache, which holds the float64 route's singular values
                     self.cache.save(self.checkpoint.sha256, name, SPECTRUM_ENTRY, _spectrum_tensors(found))
+
+    def stored(self, spectrum: Spectrum) -> Spectrum:
+        """The spectrum as `adopt` keeps it: with the stored tensor's quantisation facts (a new object)."""
+        quant, quant_sigma = self._quantization(self.info(spectrum.name))
+        return dataclasses.replace(spectrum, quant=quant, quant_sigma=quant_sigma)
 
     def _from_disk(self, infos: list[MatrixInfo]) -> dict[str, Spectrum]:
         if self.cache is None:
@@ -319,7 +333,7 @@ class Workspace:
         """Compute one matrix's truncation factors; when its spectrum is pending and would be computed here (no
         mapper, the CPU), `matrix_spectrum` takes it from the same eigendecomposition (NaN check included)."""
         w = self.weight(info.name)
-        if not (self._spectra_computed_here and info.name not in self._spectra and info.name not in self._skipped):
+        if not (self.computes_spectra_here and info.name not in self._spectra and info.name not in self._skipped):
             return factors_and_singular_values(w, progress)[0]
         found: list[Factors] = []
 
@@ -335,17 +349,12 @@ class Workspace:
             raise
         return found[0]
 
-    @property
-    def _spectra_computed_here(self) -> bool:
-        """Spectra are computed by this process on the CPU (no Ray map, no GPU), by the route factors take too."""
-        return self.mapper is None and self.device == CPU
-
     def spectra_with_truncations(self, progress: Progress | None = None) -> dict[str, Spectrum]:
         """`spectra()`, where each pending spectrum comes with its truncation factors from one eigendecomposition:
         what-ifs need both, and the pair by separate routes costs two Gram matrices and two eigensolvers."""
         with self._lock:
             todo = self.spectra_from_disk()
-            if todo and self._spectra_computed_here:
+            if todo and self.computes_spectra_here:
                 for i, info in enumerate(todo):
                     if progress:
                         progress(i, len(todo), info.name)
@@ -384,17 +393,21 @@ class Workspace:
         return {"path": ck.source, "sha256": ck.sha256, "format": ck.format, "n_tensors": ck.n_tensors,
                 "n_params": ck.n_params}
 
-    def analyze(self, settings: Settings | None = None, progress: Progress | None = None) -> Analysis:
+    def analyze(self, settings: Settings | None = None, progress: Progress | None = None, *,
+                rows: Mapping[str, MatrixReport] | None = None) -> Analysis:
         """The analysis table at these settings (default `Settings()`); spectra come from the cache, so only
-        arithmetic is redone (and, the first time a null other than mp is asked for, that null's spectra)."""
+        arithmetic is redone (and, the first time a null other than mp is asked for, that null's spectra). `rows`:
+        reports at these settings already computed from this workspace's spectra as `stored` gives them (a
+        comparison's workers compute them beside the spectra), taken as they are."""
         settings = settings if settings is not None else Settings()
+        rows = rows or {}
         with self._lock:
             if settings in self._analyses:
                 self._analyses.move_to_end(settings)
                 return self._analyses[settings]
             start = time.perf_counter()
             spectra = self.null_spectra(settings.null, progress)
-            reports = [analyze_spectrum(sp, settings) for sp in spectra.values()]
+            reports = [rows[name] if name in rows else analyze_spectrum(sp, settings) for name, sp in spectra.items()]
             result = Analysis(self.checkpoint_summary(), settings, reports,
                               summarize(reports, time.perf_counter() - start, self.skipped))
             self._analyses[settings] = result

@@ -21,6 +21,7 @@ from spectral.analysis import Settings
 from spectral.checkpoint import load_checkpoint, load_checkpoint_bytes
 from spectral.compare import (
     CompareError,
+    PairComparer,
     compare,
     comparer,
     delta_report,
@@ -199,6 +200,103 @@ def test_top_singular_vectors_span_the_svds_subspaces(syrk_route, monkeypatch):
             left, right = top_singular_vectors(w, k)
             assert max(principal_angles_deg(left, u[:, :k].numpy())) < 1e-3
             assert max(principal_angles_deg(right, vh[:k].T.numpy())) < 1e-3
+
+
+def test_top_singular_vectors_from_a_kept_reduction_equal_the_svds():
+    """The vectors a comparison takes from the Gram matrix's kept tridiagonal form are the SVD's: the short side's
+    in float64 (to 1e-6 degrees), the other side by a float32 product."""
+    from spectral.spectra import singular_values_and_reduction
+
+    g = torch.Generator().manual_seed(4)
+    for shape in ((300, 80), (80, 300)):
+        w = torch.randn(*shape, generator=g) * 0.02
+        u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        w = (w.double() + 0.5 * u[:, :6] @ torch.diag(torch.linspace(1, 3, 6, dtype=torch.float64)) @ vh[:6]).float()
+        u, s_exact, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        s, reduction = singular_values_and_reduction(w)
+        assert reduction is not None
+        np.testing.assert_allclose(s, s_exact.numpy(), rtol=1e-9)
+        for k in (1, 6):
+            left, right = top_singular_vectors(w, k, reduction)
+            short, long = (left, right) if shape[0] <= shape[1] else (right, left)
+            exact_short, exact_long = ((u[:, :k], vh[:k].T) if shape[0] <= shape[1] else (vh[:k].T, u[:, :k]))
+            assert max(principal_angles_deg(short, exact_short.numpy())) < 1e-6
+            assert max(principal_angles_deg(long, exact_long.numpy())) < 1e-3
+
+
+def _counting(monkeypatch):
+    """Count the one-pass route's pair readings and the vectors taken from a kept reduction."""
+    import spectral.compare as module
+
+    counts = {"pairs": 0, "from_reduction": 0}
+    read, vectors = module.PairComparer._read_pair, module.top_singular_vectors
+
+    def counted_read(self, *args, **kwargs):
+        counts["pairs"] += 1
+        return read(self, *args, **kwargs)
+
+    def counted_vectors(w, k, reduction=None):
+        counts["from_reduction"] += reduction is not None
+        return vectors(w, k, reduction)
+
+    monkeypatch.setattr(module.PairComparer, "_read_pair", counted_read)
+    monkeypatch.setattr(module, "top_singular_vectors", counted_vectors)
+    return counts
+
+
+def _same_comparison(one, other) -> None:
+    assert [m.name for m in one.matrices] == [m.name for m in other.matrices] and one.notes == other.notes
+    for x, y in zip(one.matrices, other.matrices):
+        assert x.a.to_dict() == y.a.to_dict() and x.b.to_dict() == y.b.to_dict()
+        assert x.delta == y.delta and x.subspace.k == y.subspace.k
+        np.testing.assert_allclose(x.subspace.angles_deg, y.subspace.angles_deg, atol=2e-3)
+        np.testing.assert_allclose(x.subspace.angles_left_deg, y.subspace.angles_left_deg, atol=2e-3)
+
+
+def test_one_reading_of_the_pair_equals_the_separate_routes(monkeypatch, tmp_path):
+    """Fresh workspaces take the one-pass route (spectra, vectors from the kept reductions, fits in the workers);
+    workspaces analysed beforehand take the separate one (analyses, then float32 vectors); A's spectra on disk and
+    B's fresh mix the two. Same rows, same update, the same angles to the vectors' float32 accuracy; a NaN matrix
+    is skipped with a note, and an unchanged matrix's B spectrum is A's, every way."""
+    from spectral.cache import DiskCache
+
+    base = nanogpt_state(8, n_layer=2)
+    a = planted_update(base, 80, set(matrix_names(base)), rank=3, noise=0.02, strength=3.0)  # A has signal: k = 3
+    b = planted_update(a, 8, {"transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"})
+    b["transformer.h.1.mlp.c_proj.weight"][3, 5] = float("nan")
+    b["transformer.h.0.attn.c_proj.weight"] = a["transformer.h.0.attn.c_proj.weight"].clone()  # unchanged
+    ca, cb = as_checkpoint(a, "a.safetensors"), as_checkpoint(b, "b.safetensors")
+    counts = _counting(monkeypatch)
+
+    wa, wb = Workspace(ca, cache=None), Workspace(cb, cache=None)
+    one = PairComparer(wa, wb).compare()  # a new comparer each time: `compare` would reuse the first by content
+    matched = len(match_matrices(wa.matrices, wb.matrices).pairs)
+    assert counts["pairs"] == matched and counts["from_reduction"] >= 2 * (matched - 2)  # not the NaN, unchanged
+
+    counts.update(pairs=0, from_reduction=0)
+    sa, sb = Workspace(ca, cache=None), Workspace(cb, cache=None)
+    sa.analyze(), sb.analyze()
+    separate = PairComparer(sa, sb).compare()
+    assert counts == {"pairs": 0, "from_reduction": 0}
+
+    disk = DiskCache(tmp_path / "cache")
+    Workspace(ca, cache=disk).spectra()
+    counts.update(pairs=0, from_reduction=0)
+    mixed = PairComparer(Workspace(ca, cache=disk), Workspace(cb, cache=None)).compare()
+    assert counts["pairs"] == matched and 0 < counts["from_reduction"] < 2 * matched  # B's side only
+
+    for other in (separate, mixed):
+        _same_comparison(one, other)
+    assert all(m.subspace.k == 3 for m in one.matrices)
+    assert any("transformer.h.1.mlp.c_proj.weight" in n and "NaN" in n for n in one.notes)
+    assert {m.delta.n_signal for m in one.matrices if "h.0.mlp.c_fc" in m.name or "h.1.attn.c_attn" in m.name} == {4}
+    assert one.row("transformer.h.0.attn.c_proj.weight").delta.relative_norm == 0.0
+    # the spectra the one-pass route adopted are bitwise what each workspace's own `spectra()` computes
+    for workspace in (wa, wb):
+        fresh = Workspace(workspace.checkpoint, cache=None).spectra()
+        for name, spectrum in workspace.spectra().items():
+            np.testing.assert_array_equal(spectrum.singular_values, fresh[name].singular_values)
+            assert spectrum.entries == fresh[name].entries
 
 
 def test_angles_of_a_rotated_signal_subspace():
