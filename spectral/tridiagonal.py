@@ -30,6 +30,9 @@ _SIGNATURES = {
                ctypes.c_void_p, _INT, _INT],
     # DSTERF(N, D, E, INFO)
     "dsterf": [_INT, ctypes.c_void_p, ctypes.c_void_p, _INT],
+    # DSYEVD(JOBZ, UPLO, N, A, LDA, W, WORK, LWORK, IWORK, LIWORK, INFO)
+    "dsyevd": [ctypes.c_char_p, ctypes.c_char_p, _INT, ctypes.c_void_p, _INT, ctypes.c_void_p, ctypes.c_void_p, _INT,
+               ctypes.c_void_p, _INT, _INT],
     # DORMTR(SIDE, UPLO, TRANS, M, N, A, LDA, TAU, C, LDC, WORK, LWORK, INFO)
     "dormtr": [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, _INT, _INT, ctypes.c_void_p, _INT,
                ctypes.c_void_p, ctypes.c_void_p, _INT, ctypes.c_void_p, _INT, _INT],
@@ -41,7 +44,7 @@ def _lapack(name: str):
 
 
 def available() -> bool:
-    """Whether scipy's dsytrd, dsterf and dormtr were found (else callers use torch's eigensolvers)."""
+    """Whether scipy's dsytrd, dsterf, dsyevd and dormtr were found (else callers use torch's eigensolvers)."""
     return all(_lapack(name) is not None for name in _SIGNATURES)
 
 
@@ -131,18 +134,23 @@ def _splits(d: np.ndarray, e: np.ndarray) -> bool:
     return bool(np.any(e**2 < np.abs(d[:-1] * d[1:]) * ulp**2 + np.finfo(np.float64).tiny))
 
 
+def _square_in_place(matrix: np.ndarray) -> np.ndarray:
+    """The matrix as LAPACK will overwrite it: its column-major view (a symmetric matrix's transpose is itself)."""
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.dtype != np.float64:
+        raise ValueError(f"expected a square float64 matrix, got {matrix.dtype} of shape {matrix.shape}")
+    if not matrix.flags.writeable or not (matrix.flags.c_contiguous or matrix.flags.f_contiguous):
+        raise ValueError("the matrix must be writeable and contiguous (it is overwritten in place)")
+    if matrix.shape[0] > MAX_SIDE:
+        raise ValueError(f"a {matrix.shape[0]} × {matrix.shape[0]} matrix is beyond what this route handles ({MAX_SIDE})")
+    return matrix if matrix.flags.f_contiguous else matrix.T
+
+
 def tridiagonalize(matrix: np.ndarray) -> Tridiagonal:
     """Reduce a symmetric float64 matrix in place (dsytrd, blocked; its storage becomes the reflectors). The matrix
     must be square and C- or Fortran-contiguous, and symmetric: LAPACK reads the triangle below the diagonal of its
     column-major view."""
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.dtype != np.float64:
-        raise ValueError(f"expected a square float64 matrix, got {matrix.dtype} of shape {matrix.shape}")
-    if not matrix.flags.writeable or not (matrix.flags.c_contiguous or matrix.flags.f_contiguous):
-        raise ValueError("the matrix must be writeable and contiguous (it is reduced in place)")
-    n = matrix.shape[0]
-    if n > MAX_SIDE:
-        raise ValueError(f"a {n} × {n} matrix is beyond what this route handles ({MAX_SIDE})")
-    a = matrix if matrix.flags.f_contiguous else matrix.T  # a symmetric matrix's transpose is itself
+    a = _square_in_place(matrix)
+    n = a.shape[0]
     d, e, tau = np.zeros(n), np.zeros(max(n - 1, 0)), np.zeros(max(n - 1, 0))
     if n == 0:
         return Tridiagonal(a, tau, d, e)
@@ -156,3 +164,27 @@ def tridiagonalize(matrix: np.ndarray) -> Tridiagonal:
            tau.ctypes.data, work.ctypes.data, ctypes.byref(_int(work.size)), ctypes.byref(info))
     _check(info, "dsytrd")
     return Tridiagonal(a, tau, d, e)
+
+
+def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ascending eigenvalues, unit eigenvectors as columns) of a symmetric float64 matrix, which is overwritten
+    with the eigenvectors (the second result is a view of its storage). LAPACK's dsyevd: the same reduction to
+    tridiagonal form, divide and conquer on T, then Q applied; what torch's `eigh` runs too, through ctypes so the
+    GIL is released (measured, one thread of the 2-core AMD machine: 33 against 45 ms at 576, 0.57 against 0.73 s at
+    1,536, against torch's MKL)."""
+    a = _square_in_place(matrix)
+    n = a.shape[0]
+    w = np.zeros(n)
+    if n == 0:
+        return w, a
+    dsyevd = _lapack("dsyevd")
+    size, info = _int(n), ctypes.c_int(0)
+    query, iquery = np.zeros(1), np.zeros(1, dtype=np.int32)
+    dsyevd(b"V", b"L", ctypes.byref(size), a.ctypes.data, ctypes.byref(size), w.ctypes.data, query.ctypes.data,
+           ctypes.byref(_int(-1)), iquery.ctypes.data, ctypes.byref(_int(-1)), ctypes.byref(info))
+    _check(info, "dsyevd")
+    work, iwork = np.empty(max(1, int(query[0]))), np.empty(max(1, int(iquery[0])), dtype=np.int32)
+    dsyevd(b"V", b"L", ctypes.byref(size), a.ctypes.data, ctypes.byref(size), w.ctypes.data, work.ctypes.data,
+           ctypes.byref(_int(work.size)), iwork.ctypes.data, ctypes.byref(_int(iwork.size)), ctypes.byref(info))
+    _check(info, "dsyevd")
+    return w, a

@@ -243,3 +243,26 @@ def test_the_gram_matrix_is_split_over_the_threads_while_the_partial_sums_fit(mo
         torch.set_num_threads(threads)
     for found in (one, two, plain):
         np.testing.assert_allclose(found, exact, rtol=1e-10)
+
+
+@pytest.mark.parametrize("route", ["torch", "tridiagonal"])
+@pytest.mark.parametrize("shape", [(60, 150), (150, 60)])
+def test_gram_eigh_is_the_short_sides_eigendecomposition(monkeypatch, route, shape):
+    """The truncation factors' eigendecomposition, by LAPACK's dsyevd through ctypes or by torch (above
+    TRIDIAGONAL_MAX_SIDE), beside the caller with progress: numpy's eigenvalues of the short side's Gram matrix,
+    orthonormal eigenvectors that diagonalise it, and progress ending at 1.0."""
+    if route == "torch":
+        monkeypatch.setattr(spectra, "TRIDIAGONAL_MAX_SIDE", 0)
+    monkeypatch.setattr(spectra, "EIG_BESIDE_MIN", 8)
+    called = []
+    real = spectra.tridiagonal.eigh
+    monkeypatch.setattr(spectra.tridiagonal, "eigh", lambda a: called.append(a.shape) or real(a))
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g = (w @ w.T if shape[0] <= shape[1] else w.T @ w).numpy()
+    seen = []
+    values, vectors = spectra.gram_eigh(w, progress=seen.append)
+    np.testing.assert_allclose(values.numpy(), np.linalg.eigvalsh(g), rtol=0, atol=1e-11 * np.abs(g).max())
+    v = vectors.numpy()
+    np.testing.assert_allclose(v.T @ v, np.eye(60), atol=1e-12)
+    np.testing.assert_allclose(g @ v, v * values.numpy(), atol=1e-10 * np.abs(g).max())
+    assert bool(called) == (route == "tridiagonal") and seen[-1] == 1.0

@@ -90,3 +90,14 @@ def test_two_threads_reduce_at_once_and_agree():
         t.join()
     for i in (0, 1):
         np.testing.assert_array_equal(found[i], alone[i])
+
+
+@pytest.mark.parametrize("n", [1, 2, 40, 300])
+def test_eigh_is_numpys_decomposition(n):
+    """dsyevd through ctypes: numpy's eigenvalues, orthonormal eigenvectors that diagonalise the matrix."""
+    a = gram(n, 2 * n + 3, seed=n, spikes=min(n, 5))
+    values, vectors = tridiagonal.eigh(np.array(a, order="C"))
+    expected = np.linalg.eigvalsh(a)
+    np.testing.assert_allclose(values, expected, rtol=0, atol=1e-12 * expected[-1])
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(n), atol=1e-12)
+    np.testing.assert_allclose(a @ vectors, vectors * values, atol=1e-10 * expected[-1])
