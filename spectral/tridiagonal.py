@@ -22,6 +22,7 @@ import scipy.linalg.lapack
 from spectral import nogil
 
 MAX_SIDE = 1 << 15  # LAPACK's 32-bit sizes: n² entries (and n × block-size workspaces) must stay below 2³¹
+INT_MAX = 2**31 - 1
 
 _INT = ctypes.POINTER(ctypes.c_int)
 _SIGNATURES = {
@@ -140,8 +141,9 @@ def _square_in_place(matrix: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a square float64 matrix, got {matrix.dtype} of shape {matrix.shape}")
     if not matrix.flags.writeable or not (matrix.flags.c_contiguous or matrix.flags.f_contiguous):
         raise ValueError("the matrix must be writeable and contiguous (it is overwritten in place)")
-    if matrix.shape[0] > MAX_SIDE:
-        raise ValueError(f"a {matrix.shape[0]} × {matrix.shape[0]} matrix is beyond what this route handles ({MAX_SIDE})")
+    n = matrix.shape[0]
+    if n > MAX_SIDE:
+        raise ValueError(f"a {n} × {n} matrix is beyond what this route handles ({MAX_SIDE})")
     return matrix if matrix.flags.f_contiguous else matrix.T
 
 
@@ -174,6 +176,8 @@ def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     1,536, against torch's MKL)."""
     a = _square_in_place(matrix)
     n = a.shape[0]
+    if 1 + 6 * n + 2 * n * n > INT_MAX:  # dsyevd's workspace with vectors, counted in LAPACK's 32-bit integers
+        raise ValueError(f"a {n} × {n} eigendecomposition needs more workspace than 32-bit LAPACK can address")
     w = np.zeros(n)
     if n == 0:
         return w, a
