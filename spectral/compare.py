@@ -518,13 +518,9 @@ class PairComparer:
             return read
         read.row_a = analyze_spectrum(self.a.stored(known_a), settings)
         read.row_b = analyze_spectrum(self.b.stored(known_b), settings)
-        vectors, k = {}, read.row_a.n_signal
-        if k > 0 and not identical:
-            for side, name, w, reduction in (("a", match.a.name, wa, reduction_a),
-                                              ("b", match.b.name, wb, reduction_b)):
-                if self._kept(side, name, k) is None:
-                    left, right = top_singular_vectors(w, k, reduction)
-                    vectors[(side, name)] = _Vectors(left.astype(np.float32), right.astype(np.float32))
+        k = read.row_a.n_signal
+        vectors = self._missing_vectors(match, k, (wa, wb), (reduction_a, reduction_b)) if k > 0 and not identical \
+            else {}
         del reduction_a, reduction_b  # each a Gram matrix's worth of memory: gone before ΔW's Gram is summed
         update, fresh = self._updates.get(match.a.name), None
         if update is None and with_delta:
@@ -553,11 +549,21 @@ class PairComparer:
                                                      self.b.known_spectrum(match.b.name)))
         vectors = {}
         if k > 0 and not (update or self._updates[match.a.name]).identical:
-            for side, name, w in (("a", match.a.name, wa), ("b", match.b.name, wb)):
-                if self._kept(side, name, k) is None:
-                    left, right = top_singular_vectors(w, k)
-                    vectors[(side, name)] = _Vectors(left.astype(np.float32), right.astype(np.float32))
+            vectors = self._missing_vectors(match, k, (wa, wb))
         return update, vectors
+
+    def _missing_vectors(self, match: Match, k: int, weights: tuple[torch.Tensor, torch.Tensor],
+                         reductions: tuple[Tridiagonal | None, Tridiagonal | None] = (None, None)
+                         ) -> dict[tuple[str, str], _Vectors]:
+        """The top-k vectors of each side not kept yet, by (side, name): from that side's kept Gram reduction where
+        given (`top_singular_vectors`)."""
+        vectors = {}
+        for side, name, w, reduction in (("a", match.a.name, weights[0], reductions[0]),
+                                          ("b", match.b.name, weights[1], reductions[1])):
+            if self._kept(side, name, k) is None:
+                left, right = top_singular_vectors(w, k, reduction)
+                vectors[(side, name)] = _Vectors(left.astype(np.float32), right.astype(np.float32))
+        return vectors
 
     def _store(self, match: Match, computed: tuple[_Update | None, dict[tuple[str, str], _Vectors]]) -> None:
         update, vectors = computed
